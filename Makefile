@@ -1,0 +1,46 @@
+# emitguard developer tasks. Everything runs from the project-local .venv.
+PY ?= python3
+
+VENV  := .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Only lint paths that exist (benchmarks/ or tests/ may not exist yet);
+# a missing path would make ruff fail with E902.
+LINT_PATHS := $(wildcard src adapters plugin tests benchmarks)
+
+.PHONY: venv test demo lint bench clean distclean
+
+venv: $(STAMP)
+
+# The interpreter is an order-only prerequisite: creating the venv once is
+# enough; only pyproject.toml changes trigger a reinstall.
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest --cov --cov-report=term-missing
+
+demo: venv
+	$(BIN)/emitguard demo
+
+lint: venv
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/mypy --strict src adapters plugin
+
+bench: venv
+	$(BIN)/python benchmarks/run.py
+
+# Build artefacts and tool caches; keeps .venv (use distclean for that).
+clean:
+	rm -rf build dist *.egg-info htmlcov .coverage .coverage.* coverage.xml \
+		.pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,94 @@
+"""Find a method's thread, message and owner arguments by name or position."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from emitguard import AdapterError
+
+MISSING: Any = object()
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+@dataclass(frozen=True)
+class Param:
+    """Where one argument sits in a call: its position and/or its keyword."""
+
+    index: int | None
+    name: str | None
+
+    def pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The argument's value in a call, or :data:`MISSING`."""
+        if self.index is not None and self.index < len(args):
+            return args[self.index]
+        if self.name is not None:
+            return kwargs.get(self.name, MISSING)
+        return MISSING
+
+    def replace(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with this one set to ``value``."""
+        if self.index is not None and self.index < len(args):
+            return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
+        return args, {**kwargs, str(self.name): value}
+
+
+def parameters(func: Callable[..., Any], *, bound: bool) -> list[inspect.Parameter]:
+    """The parameters a caller passes (without ``self`` for an unbound method)."""
+    params = list(inspect.signature(func).parameters.values())
+    if not bound and params and params[0].kind in _POSITIONAL:
+        params = params[1:]
+    return params
+
+
+def resolve(
+    params: list[inspect.Parameter], wanted: str | int, *, where: str, option: str
+) -> Param:
+    """Locate parameter ``wanted`` (a name or a position) or raise :class:`AdapterError`."""
+    names = ", ".join(p.name for p in params) or "no parameters"
+    if isinstance(wanted, bool) or not isinstance(wanted, (str, int)):
+        raise AdapterError(f"{option} must be a parameter name or a position, got {wanted!r}")
+    if isinstance(wanted, int):
+        positional = [p for p in params if p.kind in _POSITIONAL]
+        if not 0 <= wanted < len(positional):
+            raise AdapterError(
+                f"{where}({names}) has no positional parameter {wanted}; "
+                f"pass {option}= with a name or a position from 0 to {len(positional) - 1}"
+            )
+        param = positional[wanted]
+        return Param(
+            wanted, param.name if param.kind is not inspect.Parameter.POSITIONAL_ONLY else None
+        )
+    for position, param in enumerate(params):
+        if param.name == wanted:
+            index = position if param.kind in _POSITIONAL else None
+            return Param(index, None if param.kind is inspect.Parameter.POSITIONAL_ONLY else wanted)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return Param(None, wanted)
+    raise AdapterError(f"{where}({names}) has no parameter {wanted!r}; pass {option}= to name it")
+
+
+def other(
+    params: list[inspect.Parameter], taken: Param, *, after: bool, where: str, option: str
+) -> Param:
+    """The first positional parameter other than ``taken`` (after it, when ``after``)."""
+    positional = [p for p in params if p.kind in _POSITIONAL]
+    for position, param in enumerate(positional):
+        if position == taken.index or param.name == taken.name:
+            continue
+        if after and taken.index is not None and position < taken.index:
+            continue
+        return resolve(params, position, where=where, option=option)
+    names = ", ".join(p.name for p in params) or "no parameters"
+    raise AdapterError(f"{where}({names}) has no parameter to use; pass {option}= to name it")
+
+
+def returns_nothing(func: Callable[..., Any]) -> bool:
+    """True when the function is annotated ``-> None``: success is "did not raise"."""
+    annotation = inspect.signature(func).return_annotation
+    return annotation is None or annotation == "None"

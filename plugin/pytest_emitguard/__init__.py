@@ -1,0 +1,1 @@
+"""pytest plugin for emitguard; fixtures arrive in a later release."""

@@ -1,0 +1,97 @@
+"""Per-thread bookkeeping: state, sequence counter and a FIFO line that serialises deliveries."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+
+from emitguard.states import ConnectionState
+
+
+class ThreadSlot:
+    """Everything the guard keeps for one thread.
+
+    The *line* is a first-in first-out lock: whoever holds it (``busy``) is the only one
+    delivering to, buffering for or flushing this thread, so ``seq`` order is delivery order.
+    Taking a free line costs two attribute writes; waiting uses futures of the running loop.
+    """
+
+    __slots__ = (
+        "backlog",
+        "busy",
+        "flush_pending",
+        "note",
+        "owners",
+        "queue",
+        "ready",
+        "seq",
+        "state",
+        "thread_id",
+        "timed_out",
+    )
+
+    def __init__(self, thread_id: str) -> None:
+        self.thread_id = thread_id
+        self.state = ConnectionState.CONNECTING
+        self.seq = 0
+        self.backlog = 0
+        """Entries of this thread in the outbox."""
+        self.busy = False
+        self.queue: deque[asyncio.Future[None]] | None = None
+        self.ready: list[asyncio.Future[bool]] = []
+        """Futures of barrier waiters, resolved on association."""
+        self.timed_out = False
+        """A barrier wait timed out since the last association: later sends do not wait."""
+        self.flush_pending = False
+        self.note: str | None = None
+        """Why the thread is in its state (for DISCONNECTED and ERROR)."""
+        self.owners: set[object] = set()
+
+    def take(self) -> asyncio.Future[None] | None:
+        """Take the line if free (returns ``None``), else join it and return the ticket."""
+        if not self.busy:
+            self.busy = True
+            return None
+        if self.queue is None:
+            self.queue = deque()
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append(ticket)
+        return ticket
+
+    def hand_on(self) -> bool:
+        """Pass the line to the next live ticket; False (and the line is free) when none."""
+        queue = self.queue
+        while queue:
+            ticket = queue.popleft()
+            if ticket.done():
+                continue
+            try:
+                ticket.set_result(None)
+            except RuntimeError:  # its event loop is closed: that waiter is gone
+                continue
+            return True
+        self.busy = False
+        return False
+
+    def wake_ready(self, value: bool) -> None:
+        """Resolve every barrier waiter with ``value``."""
+        waiters, self.ready = self.ready, []
+        for future in waiters:
+            if future.done():
+                continue
+            loop = future.get_loop()
+            if loop.is_closed():
+                continue
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if running is loop:
+                future.set_result(value)
+            else:
+                loop.call_soon_threadsafe(_resolve, future, value)
+
+
+def _resolve(future: asyncio.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)

@@ -1,0 +1,132 @@
+"""pluggy in one place: markers, hook specifications and the process-wide plugin manager.
+
+Listeners (the pytest plugin, metrics exporters, your own) implement hooks with
+:data:`hookimpl` and are added with :func:`register`. Adapters implement
+:func:`emitguard_adapt` and are found through the ``emitguard`` entry-point group; a plugin
+that fails to load is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import metadata
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from emitguard.guard import Guard
+    from emitguard.records import Emission
+    from emitguard.states import ConnectionState
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "hookimpl",
+    "hookspec",
+    "load_entry_points",
+    "plugin_manager",
+    "register",
+    "unregister",
+]
+
+PROJECT = "emitguard"
+ENTRY_POINT_GROUP = "emitguard"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+log = logging.getLogger("emitguard")
+
+
+class HookSpecs:
+    """The hooks emitguard calls. Implementations may take any subset of the arguments."""
+
+    @hookspec
+    def emitguard_emission(self, emission: Emission, guard: Guard) -> None:
+        """Called with every emission record, in the order the guard records them."""
+
+    @hookspec
+    def emitguard_state_changed(
+        self, guard: Guard, thread_id: str, old: ConnectionState, new: ConnectionState
+    ) -> None:
+        """Called when a thread moves from state ``old`` to state ``new``."""
+
+    @hookspec(firstresult=True)
+    def emitguard_adapt(self, target: Any, options: dict[str, Any]) -> Any:
+        """Return an adapted target (an object with ``guard`` and ``unguard()``) for a target
+        this plugin recognises, or ``None`` to let the next plugin try."""
+
+    @hookspec
+    def emitguard_guard_created(self, guard: Guard) -> None:
+        """Called when a :class:`~emitguard.Guard` is constructed."""
+
+
+class _Dispatch:
+    """Process-wide plugin manager plus a cheap "is anyone listening" flag for hot paths."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(HookSpecs)
+        self.listening = False
+        self.loaded = False
+
+    def refresh(self) -> None:
+        self.listening = bool(self.pm.hook.emitguard_emission.get_hookimpls())
+
+
+_dispatch = _Dispatch()
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, with entry-point plugins loaded."""
+    load_entry_points()
+    return _dispatch.pm
+
+
+def load_entry_points() -> list[str]:
+    """Load plugins of the ``emitguard`` entry-point group once; return the names loaded.
+
+    A plugin that fails to import or register is logged with its traceback and skipped.
+    """
+    if _dispatch.loaded:
+        return []
+    _dispatch.loaded = True
+    loaded: list[str] = []
+    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if _dispatch.pm.has_plugin(entry_point.name):
+            continue
+        try:
+            plugin = entry_point.load()
+            _dispatch.pm.register(plugin, name=entry_point.name)
+        except Exception:
+            log.exception(
+                "emitguard plugin %r (%s) failed to load; skipped",
+                entry_point.name,
+                entry_point.value,
+            )
+            continue
+        loaded.append(entry_point.name)
+    _dispatch.refresh()
+    return loaded
+
+
+def register(plugin: object, name: str | None = None) -> str | None:
+    """Add a listener or adapter plugin; returns its name (``None`` if pluggy refused it)."""
+    registered = _dispatch.pm.register(plugin, name=name)
+    _dispatch.refresh()
+    return registered
+
+
+def unregister(plugin: object | None = None, name: str | None = None) -> object | None:
+    """Remove a plugin added with :func:`register` (by object or by name)."""
+    removed = _dispatch.pm.unregister(plugin, name=name)
+    _dispatch.refresh()
+    return removed
+
+
+def call_safely(hook_name: str, **kwargs: Any) -> None:
+    """Call a listener hook; a failing listener is logged, never raised into the host."""
+    try:
+        getattr(_dispatch.pm.hook, hook_name)(**kwargs)
+    except Exception:
+        log.exception("emitguard listener failed in %s; the emission is unaffected", hook_name)

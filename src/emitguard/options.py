@@ -1,0 +1,106 @@
+"""Validated configuration of a :class:`~emitguard.Guard`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any, Literal, cast
+
+__all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "GuardOptions"]
+
+OverflowPolicy = Literal["drop_oldest", "drop_newest", "reject"]
+UnreadyPolicy = Literal["wait", "buffer"]
+
+OVERFLOW_POLICIES: tuple[str, ...] = ("drop_oldest", "drop_newest", "reject")
+UNREADY_POLICIES: tuple[str, ...] = ("wait", "buffer")
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardOptions:
+    """Every knob of the engine, checked once at construction.
+
+    Bad values raise :class:`ValueError` (or :class:`TypeError` for a wrong type) that quotes
+    the offending value.
+    """
+
+    ready_timeout: float = 2.0
+    """Seconds a send to a never-associated thread waits on the readiness barrier."""
+    on_unready: UnreadyPolicy = "wait"
+    """``"wait"`` on the barrier (then buffer), or ``"buffer"`` at once."""
+    max_per_thread: int = 1000
+    """Outbox bound per thread."""
+    max_total: int = 100_000
+    """Outbox bound over all threads."""
+    ttl: float | None = 300.0
+    """Seconds an event may wait in the outbox before it expires; ``None``: never."""
+    overflow: OverflowPolicy = "drop_oldest"
+    """What a full outbox does with a new event."""
+    protect: frozenset[str] = frozenset()
+    """Event types never evicted by ``drop_oldest``/``drop_newest``."""
+    stamp_seq: str | None = None
+    """Key under which ``seq`` is stamped into dict messages (a copy); ``None``: no stamp."""
+    strict: bool = False
+    """Raise :class:`~emitguard.EmissionError` instead of returning falsy."""
+
+    def __post_init__(self) -> None:
+        _number("ready_timeout", self.ready_timeout, allow_zero=True)
+        _choice("on_unready", self.on_unready, UNREADY_POLICIES)
+        _count("max_per_thread", self.max_per_thread)
+        _count("max_total", self.max_total)
+        if self.ttl is not None:
+            _number("ttl", self.ttl, allow_zero=False)
+        _choice("overflow", self.overflow, OVERFLOW_POLICIES)
+        object.__setattr__(self, "protect", _event_types(self.protect))
+        if self.stamp_seq is not None and (
+            not isinstance(self.stamp_seq, str) or not self.stamp_seq
+        ):
+            raise ValueError(f"stamp_seq must be a non-empty key or None, got {self.stamp_seq!r}")
+        if not isinstance(self.strict, bool):
+            raise TypeError(f"strict must be a bool, got {self.strict!r}")
+
+    @classmethod
+    def from_kwargs(cls, options: dict[str, Any]) -> GuardOptions:
+        """Build from keyword options, naming any unknown one and the valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise TypeError(
+                f"unknown guard option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(sorted(valid))}"
+            )
+        return cls(**options)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as keyword arguments."""
+        return dataclasses.asdict(self)
+
+
+def _number(name: str, value: object, *, allow_zero: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+
+
+def _count(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value!r}")
+
+
+def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _event_types(value: object) -> frozenset[str]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"protect must be a collection of event types, got {value!r}")
+    items = frozenset(cast("Iterable[object]", value))
+    bad = [item for item in items if not isinstance(item, str) or not item]
+    if bad:
+        raise ValueError(f"protect holds event types that are not non-empty str: {bad!r}")
+    return cast("frozenset[str]", items)

@@ -1,0 +1,63 @@
+"""Emission records: what listeners, reports and the pytest plugin see."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from emitguard.states import Outcome
+
+__all__ = ["Emission", "event_type_of"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Emission:
+    """One recorded step in the life of an emission.
+
+    An emission that goes straight through yields one record (``DELIVERED``); one that waits
+    in the outbox yields a ``BUFFERED`` record and later a terminal one for the same
+    ``thread_id`` and ``seq``.
+    """
+
+    thread_id: str
+    """The destination thread (for a ``REJECTED`` bad id, its ``repr``)."""
+    seq: int
+    """Per-thread sequence number, 1, 2, 3, ... in call order; 0 when rejected before sequencing."""
+    event_type: str | None
+    """The message's ``type`` field, when it has one."""
+    outcome: Outcome
+    reason: str | None = None
+    """Why; set for every outcome but ``DELIVERED``."""
+    waited: float = 0.0
+    """Seconds the readiness barrier held the emission."""
+    buffered_for: float = 0.0
+    """Seconds the emission spent in the outbox (for outcomes after ``BUFFERED``)."""
+    attempts: int = 0
+    """How many times the original send was called for it."""
+    created_at: float = 0.0
+    """Wall-clock time (``time.time()``) of the send call."""
+    recorded_at: float = 0.0
+    """Wall-clock time of this record."""
+    guard_name: str = ""
+    """Name of the guard that recorded it."""
+    message: Any = dataclasses.field(default=None, repr=False, compare=False)
+    """The message as handed to the original send (after seq stamping)."""
+
+    @property
+    def terminal(self) -> bool:
+        """True unless the emission is still buffered."""
+        return self.outcome is not Outcome.BUFFERED
+
+    def __str__(self) -> str:
+        kind = self.event_type or "message"
+        text = f"thread {self.thread_id} seq {self.seq} {kind}: {self.outcome.name}"
+        return f"{text} ({self.reason})" if self.reason else text
+
+
+def event_type_of(message: Any) -> str | None:
+    """The ``type`` of a message: a mapping's ``"type"`` key or a ``type`` attribute."""
+    if isinstance(message, dict):
+        value = message.get("type")
+    else:
+        value = getattr(message, "type", None)
+    return value if isinstance(value, str) else None
