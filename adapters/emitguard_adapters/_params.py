@@ -4,38 +4,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from emitguard import AdapterError
-
-MISSING: Any = object()
+from emitguard.calls import Arg
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
-@dataclass(frozen=True)
-class Param:
-    """Where one argument sits in a call: its position and/or its keyword."""
-
-    index: int | None
-    name: str | None
-
-    def pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """The argument's value in a call, or :data:`MISSING`."""
-        if self.index is not None and self.index < len(args):
-            return args[self.index]
-        if self.name is not None:
-            return kwargs.get(self.name, MISSING)
-        return MISSING
-
-    def replace(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """The call's arguments with this one set to ``value``."""
-        if self.index is not None and self.index < len(args):
-            return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
-        return args, {**kwargs, str(self.name): value}
 
 
 def parameters(func: Callable[..., Any], *, bound: bool) -> list[inspect.Parameter]:
@@ -46,9 +20,7 @@ def parameters(func: Callable[..., Any], *, bound: bool) -> list[inspect.Paramet
     return params
 
 
-def resolve(
-    params: list[inspect.Parameter], wanted: str | int, *, where: str, option: str
-) -> Param:
+def resolve(params: list[inspect.Parameter], wanted: str | int, *, where: str, option: str) -> Arg:
     """Locate parameter ``wanted`` (a name or a position) or raise :class:`AdapterError`."""
     names = ", ".join(p.name for p in params) or "no parameters"
     if isinstance(wanted, bool) or not isinstance(wanted, (str, int)):
@@ -61,21 +33,21 @@ def resolve(
                 f"pass {option}= with a name or a position from 0 to {len(positional) - 1}"
             )
         param = positional[wanted]
-        return Param(
+        return Arg(
             wanted, param.name if param.kind is not inspect.Parameter.POSITIONAL_ONLY else None
         )
     for position, param in enumerate(params):
         if param.name == wanted:
             index = position if param.kind in _POSITIONAL else None
-            return Param(index, None if param.kind is inspect.Parameter.POSITIONAL_ONLY else wanted)
+            return Arg(index, None if param.kind is inspect.Parameter.POSITIONAL_ONLY else wanted)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return Param(None, wanted)
+        return Arg(None, wanted)
     raise AdapterError(f"{where}({names}) has no parameter {wanted!r}; pass {option}= to name it")
 
 
 def other(
-    params: list[inspect.Parameter], taken: Param, *, after: bool, where: str, option: str
-) -> Param:
+    params: list[inspect.Parameter], taken: Arg, *, after: bool, where: str, option: str
+) -> Arg:
     """The first positional parameter other than ``taken`` (after it, when ``after``)."""
     positional = [p for p in params if p.kind in _POSITIONAL]
     for position, param in enumerate(positional):

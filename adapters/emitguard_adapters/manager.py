@@ -26,11 +26,13 @@ import wrapt
 
 from emitguard import AdapterError, Guard, hookimpl
 from emitguard.api import check_same_options
-from emitguard_adapters._params import MISSING, other, parameters, resolve, returns_nothing
+from emitguard.calls import MISSING
+from emitguard_adapters._params import other, parameters, resolve, returns_nothing
 
 __all__ = ["ADAPTER_OPTIONS", "ManagerAdapter", "emitguard_adapt"]
 
 log = logging.getLogger("emitguard.adapters.manager")
+
 
 ADAPTER_OPTIONS: dict[str, Any] = {
     "send": "send_to_thread",
@@ -228,39 +230,26 @@ class ManagerAdapter:
             else other(params, thread, after=True, where=where, option="message_param")
         )
         guard = self.guard
-        nothing = returns_nothing(func)
-        pick_thread, pick_message = thread.pick, message.pick
+        is_async = inspect.iscoroutinefunction(func)
+        if not returns_nothing(func):
+            return guard.sender(thread, message) if is_async else guard.sync_sender(thread, message)
+        # The original reports nothing: success is "did not raise". The original moves into
+        # the arguments of a helper that returns True, so the message sits one place right.
+        send = guard.send_call if is_async else guard.send_sync_call
+        call: Callable[..., Any] = _true_after_async if is_async else _true_after_sync
+        rebind = message.shifted(1).replace
 
-        if inspect.iscoroutinefunction(func):
+        def send_nothing(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+            return send(
+                _value(thread.pick(args, kwargs)),
+                _value(message.pick(args, kwargs)),
+                call,
+                (wrapped, *args),
+                kwargs,
+                rebind,
+            )
 
-            def send_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-                payload = pick_message(args, kwargs)
-
-                def deliver(value: Any) -> Any:
-                    call_args, call_kwargs = (
-                        (args, kwargs) if value is payload else message.replace(args, kwargs, value)
-                    )
-                    if nothing:
-                        return _true_after(wrapped(*call_args, **call_kwargs))
-                    return wrapped(*call_args, **call_kwargs)
-
-                return guard.send(_value(pick_thread(args, kwargs)), payload, deliver)
-
-            return send_async
-
-        def send_sync(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            payload = pick_message(args, kwargs)
-
-            def deliver(value: Any) -> Any:
-                call_args, call_kwargs = (
-                    (args, kwargs) if value is payload else message.replace(args, kwargs, value)
-                )
-                result = wrapped(*call_args, **call_kwargs)
-                return True if nothing else result
-
-            return guard.send_sync(_value(pick_thread(args, kwargs)), payload, deliver)
-
-        return send_sync
+        return send_nothing
 
     def _associate_wrapper(
         self, func: Callable[..., Any], *, bound: bool, where: str
@@ -345,8 +334,13 @@ def _observer(
     return call
 
 
-async def _true_after(awaitable: Any) -> bool:
-    await awaitable
+async def _true_after_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    await fn(*args, **kwargs)
+    return True
+
+
+def _true_after_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
+    fn(*args, **kwargs)
     return True
 
 

@@ -25,6 +25,7 @@ class ThreadSlot:
         "queue",
         "ready",
         "seq",
+        "slow",
         "state",
         "thread_id",
         "timed_out",
@@ -37,6 +38,8 @@ class ThreadSlot:
         self.backlog = 0
         """Entries of this thread in the outbox."""
         self.busy = False
+        self.slow = False
+        """The line is held by a slow path (not by a hot-path send in flight)."""
         self.queue: deque[asyncio.Future[None]] | None = None
         self.ready: list[asyncio.Future[bool]] = []
         """Futures of barrier waiters, resolved on association."""
@@ -50,7 +53,7 @@ class ThreadSlot:
     def take(self) -> asyncio.Future[None] | None:
         """Take the line if free (returns ``None``), else join it and return the ticket."""
         if not self.busy:
-            self.busy = True
+            self.busy = self.slow = True
             return None
         if self.queue is None:
             self.queue = deque()
@@ -71,6 +74,8 @@ class ThreadSlot:
                 continue
             return True
         self.busy = False
+        self.slow = False
+        """The line is held by a slow path (not by a hot-path send in flight)."""
         return False
 
     def wake_ready(self, value: bool) -> None:

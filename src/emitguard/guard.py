@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from emitguard import hooks
 from emitguard._line import ThreadSlot
+from emitguard.calls import MISSING, Arg
 from emitguard.errors import EmissionError
 from emitguard.options import GuardOptions
 from emitguard.outbox import MemoryOutbox, Outbox, OutboxEntry, drive
@@ -30,6 +32,11 @@ log = logging.getLogger("emitguard")
 
 AsyncDeliver = Callable[[Any], Awaitable[Any]]
 SyncDeliver = Callable[[Any], Any]
+Rebind = Callable[[tuple[Any, ...], dict[str, Any], Any], tuple[tuple[Any, ...], dict[str, Any]]]
+"""``rebind(args, kwargs, message)``: the call's arguments with ``message`` put in."""
+_NO_KWARGS: dict[str, Any] = {}
+WraptWrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+"""The calling convention of a wrapt wrapper: ``(wrapped, instance, args, kwargs)``."""
 
 _CONNECTED = ConnectionState.CONNECTED
 _names = itertools.count(1)
@@ -75,7 +82,8 @@ class Guard:
         self._owners: dict[object, set[str]] = {}
         self._backlogged: set[ThreadSlot] = set()
         self._counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
-        self._fast_delivered = 0
+        self._seq_elsewhere = 0
+        """Seqs given out by any path but a hot-path delivery that worked."""
         self._total = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -83,66 +91,169 @@ class Guard:
         self._stamp = self.options.stamp_seq
         self._strict = self.options.strict
         self._dispatch = hooks._dispatch
+        self._plain = True
+        """No seq stamping and no listeners: the hot path needs no record."""
         hooks.load_entry_points()
         _live.add(self)
+        self.refresh()
         hooks.call_safely("emitguard_guard_created", guard=self)
+
+    def refresh(self) -> None:
+        """Re-read whether anyone listens to records (called when plugins change)."""
+        self._plain = self._stamp is None and not self._dispatch.listening
 
     def __repr__(self) -> str:
         return f"<Guard {self.name} threads={len(self._threads)} pending={self._total}>"
 
     # ------------------------------------------------------------------ sends
 
-    async def send(self, thread_id: str, message: Any, deliver: AsyncDeliver) -> bool:
-        """Emit ``message`` to ``thread_id`` through ``deliver`` (the original async send).
+    def send(
+        self, thread_id: str, message: Any, deliver: AsyncDeliver
+    ) -> Coroutine[Any, Any, bool]:
+        """Emit ``message`` to ``thread_id`` through ``deliver(message)``, the original async
+        send (a coroutine to await).
 
-        Returns True when the message was delivered or accepted into the outbox, False when it
-        was rejected, dropped or failed (in strict mode those raise :class:`EmissionError`).
+        The coroutine returns True when the message was delivered or accepted into the outbox,
+        False when it was rejected, dropped or failed (in strict mode those raise
+        :class:`EmissionError`).
         """
-        if type(thread_id) is str:
-            slot = self._threads.get(thread_id)
+        return self.send_call(thread_id, message, deliver, (message,), _NO_KWARGS, _rebind_only)
+
+    async def send_call(
+        self,
+        thread_id: str,
+        message: Any,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+    ) -> bool:
+        """:meth:`send` for adapters: the original is ``fn(*args, **kwargs)``, and
+        ``rebind(args, kwargs, message)`` returns the arguments with another message in them
+        (for seq stamping and for deliveries from the outbox)."""
+        try:
+            return await self._send_slow(thread_id, message, _Call(fn, args, kwargs, rebind))
+        except EmissionError:
+            raise
+        except Exception as exc:
+            return self._fault(thread_id, message, exc)
+
+    def sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+        """A wrapt wrapper ``(wrapped, instance, args, kwargs)`` that guards an async send
+        whose thread and message arguments sit at ``thread`` and ``message``.
+
+        This is the hot path: a send to a CONNECTED thread with nothing queued costs one
+        dictionary look-up and a few attribute checks on top of the original call.
+        """
+        threads, guard, send_call = self._threads, self, self.send_call
+        t_index, m_index = thread.reach, message.reach
+        width = max(t_index, m_index) if t_index < sys.maxsize > m_index else sys.maxsize
+        pick_thread, pick_message, rebind = thread.pick, message.pick, message.replace
+        pair = 2 if (t_index, m_index) == (0, 1) else -1
+
+        async def guarded_send(
+            wrapped: Callable[..., Awaitable[Any]],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> bool:
+            if len(args) == pair:
+                thread_id, payload = args  # the usual send(thread_id, message)
+            elif len(args) > width:
+                thread_id, payload = args[t_index], args[m_index]
+            else:
+                thread_id = _given(pick_thread(args, kwargs))
+                payload = _given(pick_message(args, kwargs))
+            try:
+                slot = threads.get(thread_id)
+            except TypeError:  # unhashable: rejected below
+                slot = None
             if (
-                slot is not None
-                and slot.state is _CONNECTED
-                and not slot.busy
-                and not slot.backlog
-                and message is not None
+                slot is None
+                or slot.state is not _CONNECTED
+                or slot.busy
+                or slot.backlog
+                or payload is None
+                or not guard._plain
             ):
-                slot.busy = True
-                slot.seq = seq = slot.seq + 1
-                if self._stamp is not None:
-                    message = self._stamped(message, seq)
-                try:
-                    result = await deliver(message)
-                except asyncio.CancelledError:
-                    await self._undelivered(slot, seq, message, deliver, "cancelled during send")
-                    self._leave(slot)
-                    raise
-                except Exception as exc:
-                    result, why = False, _raised(exc)
-                else:
-                    why = f"send returned {result!r}"
-                if result:
-                    if slot.queue or slot.backlog:
-                        self._leave(slot)
-                    else:
-                        slot.busy = False
-                    self._fast_delivered += 1
-                    if self._dispatch.listening:
-                        self._note(
-                            self._record(Outcome.DELIVERED, thread_id, seq, message, attempts=1)
-                        )
-                    return True
-                try:
-                    return await self._undelivered(slot, seq, message, deliver, why)
-                finally:
-                    self._leave(slot)
-        return await self._send_slow(thread_id, message, deliver)
+                return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
+            slot.busy = True
+            slot.seq += 1
+            try:
+                result = await wrapped(*args, **kwargs)
+            except asyncio.CancelledError:
+                call = _Call(wrapped, args, kwargs, rebind)
+                await guard._failed_fast(slot, payload, call, "cancelled during send")
+                raise
+            except Exception as exc:
+                call = _Call(wrapped, args, kwargs, rebind)
+                return await guard._failed_fast(slot, payload, call, _raised(exc))
+            if not result:
+                call = _Call(wrapped, args, kwargs, rebind)
+                why = f"send returned {result!r}"
+                return await guard._failed_fast(slot, payload, call, why)
+            if slot.queue or slot.backlog:
+                guard._leave(slot)
+            else:
+                slot.busy = False
+            return True  # counted in stats() from the seq numbers: no counter on the hot path
+
+        return guarded_send
+
+    def sync_sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+        """:meth:`sender` for a synchronous send (it never waits on the barrier)."""
+        send, rebind = self.send_sync_call, message.replace
+
+        def guarded_send(
+            wrapped: Callable[..., Any],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> bool:
+            thread_id = _given(thread.pick(args, kwargs))
+            return send(
+                thread_id, _given(message.pick(args, kwargs)), wrapped, args, kwargs, rebind
+            )
+
+        return guarded_send
+
+    async def _failed_fast(self, slot: ThreadSlot, message: Any, call: _Call, why: str) -> bool:
+        """A hot-path delivery failed: disconnect the thread, buffer the event, leave."""
+        self._seq_elsewhere += 1
+        try:
+            return await self._undelivered(slot, slot.seq, message, call, why)
+        except EmissionError:
+            raise
+        except Exception as exc:
+            return self._fault(slot.thread_id, message, exc)
+        finally:
+            self._leave(slot)
 
     def send_sync(self, thread_id: str, message: Any, deliver: SyncDeliver) -> bool:
-        """Like :meth:`send` for a synchronous original; never waits on the barrier.
+        """Like :meth:`send` for a synchronous original; never waits on the barrier."""
+        return self.send_sync_call(
+            thread_id, message, deliver, (message,), _NO_KWARGS, _rebind_only
+        )
 
-        Needs a ``synchronous`` outbox (the memory outbox is one).
-        """
+    def send_sync_call(
+        self,
+        thread_id: str,
+        message: Any,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+    ) -> bool:
+        """:meth:`send_call` for a synchronous original. A send that cannot be delivered at
+        once is buffered (this needs a ``synchronous`` outbox; the memory outbox is one)."""
+        try:
+            return self._send_sync(thread_id, message, _Call(fn, args, kwargs, rebind))
+        except EmissionError:
+            raise
+        except Exception as exc:
+            return self._fault(thread_id, message, exc)
+
+    def _send_sync(self, thread_id: str, message: Any, call: _Call) -> bool:
         created_at = time.time()
         bad = self._bad_input(thread_id, message)
         if bad is not None:
@@ -152,28 +263,33 @@ class Guard:
             return self._conclude(self._record(Outcome.REJECTED, thread_id, 0, message, reason))
         slot = self._slot(thread_id)
         slot.seq = seq = slot.seq + 1
+        self._seq_elsewhere += 1
         if self._stamp is not None:
             message = self._stamped(message, seq)
         attempts, reason = 0, self._unready_reason(slot)
         if slot.state is _CONNECTED and not slot.busy and not slot.backlog:
-            slot.busy = True
+            slot.busy = slot.slow = True
             try:
-                result, reason = _attempt_sync(deliver, message)
+                result, reason = _attempt_sync(call, message)
             finally:
-                slot.busy = False
+                slot.busy = slot.slow = False
             if result:
                 return self._conclude(
                     self._record(Outcome.DELIVERED, thread_id, seq, message, attempts=1)
                 )
             attempts = 1
             self._set_state(slot, ConnectionState.DISCONNECTED, reason)
-        elif slot.state is _CONNECTED:
-            reason = "queued behind older events of the thread"
-        entry = self._entry(slot, seq, message, deliver, False, created_at, attempts)
+        entry = self._entry(slot, seq, message, call, False, created_at, attempts)
         accepted: bool = drive(self._buffer(slot, entry, reason))
         if slot.state is _CONNECTED and not slot.busy:
             self._schedule_flush(slot)
         return accepted
+
+    def _fault(self, thread_id: object, message: Any, exc: Exception) -> bool:
+        """emitguard's own fault: logged and recorded, never raised (but in strict mode)."""
+        log.exception("emitguard internal error while sending to thread %r", thread_id)
+        reason = f"emitguard internal error: {type(exc).__name__}: {exc}"
+        return self._conclude(self._record(Outcome.FAILED, _name(thread_id), 0, message, reason))
 
     async def _send_slow(self, thread_id: Any, message: Any, deliver: AsyncDeliver) -> bool:
         created_at = time.time()
@@ -216,6 +332,7 @@ class Guard:
     ) -> bool:
         """Deliver or buffer one emission; the caller holds the thread's line."""
         slot.seq = seq = slot.seq + 1
+        self._seq_elsewhere += 1
         if self._stamp is not None:
             message = self._stamped(message, seq)
         waited, attempts = 0.0, 0
@@ -520,7 +637,9 @@ class Guard:
         if self.outbox.synchronous:
             drive(self._expire())
         outcomes = dict(self._counts)
-        outcomes[Outcome.DELIVERED] += self._fast_delivered
+        hot_busy = sum(1 for slot in self._threads.values() if slot.busy and not slot.slow)
+        issued = sum(slot.seq for slot in self._threads.values())
+        outcomes[Outcome.DELIVERED] += issued - self._seq_elsewhere - hot_busy
         pending = {slot.thread_id: slot.backlog for slot in self._backlogged}
         states = {name: slot.state for name, slot in self._threads.items()}
         return GuardStats(outcomes, pending, states)
@@ -745,6 +864,38 @@ class Guard:
         if self._strict:
             raise EmissionError(record)
         return False
+
+
+class _Call:
+    """A deferred call of the original send with another message: ``call(message)``."""
+
+    __slots__ = ("args", "fn", "kwargs", "rebind")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.rebind = rebind
+
+    def __call__(self, message: Any) -> Any:
+        args, kwargs = self.rebind(self.args, self.kwargs, message)
+        return self.fn(*args, **kwargs)
+
+
+def _rebind_only(
+    args: tuple[Any, ...], kwargs: dict[str, Any], message: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (message,), kwargs
+
+
+def _given(value: Any) -> Any:
+    return None if value is MISSING else value
 
 
 def _state_of(slot: ThreadSlot) -> ConnectionState:

@@ -72,6 +72,10 @@ class _Dispatch:
 
     def refresh(self) -> None:
         self.listening = bool(self.pm.hook.emitguard_emission.get_hookimpls())
+        from emitguard.guard import live_guards  # the engine imports this module first
+
+        for guard in live_guards():
+            guard.refresh()
 
 
 _dispatch = _Dispatch()
