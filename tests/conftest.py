@@ -1,0 +1,80 @@
+"""Shared test helpers: a recording sink for guard deliveries and a record collector."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import emitguard
+from emitguard import Emission, Guard, Outcome
+
+
+class Sink:
+    """A stand-in socket per thread: records what it received, can be taken down."""
+
+    def __init__(self) -> None:
+        self.received: dict[str, list[Any]] = {}
+        self.down: set[str] = set()
+        self.raise_on: set[str] = set()
+        self.calls = 0
+
+    def for_thread(self, thread_id: str) -> Any:
+        async def deliver(message: Any) -> bool:
+            return self.deliver_now(thread_id, message)
+
+        return deliver
+
+    def deliver_now(self, thread_id: str, message: Any) -> bool:
+        self.calls += 1
+        if thread_id in self.raise_on:
+            raise ConnectionError(f"socket of {thread_id} broke")
+        if thread_id in self.down:
+            return False
+        self.received.setdefault(thread_id, []).append(message)
+        return True
+
+    def types(self, thread_id: str) -> list[str]:
+        return [m["type"] for m in self.received.get(thread_id, [])]
+
+
+class Records:
+    """Collects every emission record of one guard through the public hook."""
+
+    def __init__(self, guard: Guard | None = None) -> None:
+        self.guard = guard
+        self.items: list[Emission] = []
+
+    @emitguard.hookimpl
+    def emitguard_emission(self, emission: Emission, guard: Guard) -> None:
+        if self.guard is None or guard is self.guard:
+            self.items.append(emission)
+
+    def outcomes(self, thread_id: str | None = None) -> list[Outcome]:
+        return [r.outcome for r in self.items if thread_id is None or r.thread_id == thread_id]
+
+    def of(self, outcome: Outcome) -> list[Emission]:
+        return [r for r in self.items if r.outcome is outcome]
+
+
+@pytest.fixture
+def sink() -> Sink:
+    return Sink()
+
+
+@pytest.fixture
+def records() -> Iterator[Records]:
+    collector = Records()
+    emitguard.register(collector)
+    try:
+        yield collector
+    finally:
+        emitguard.unregister(collector)
+
+
+async def settle(rounds: int = 5) -> None:
+    """Let scheduled callbacks and tasks run."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
