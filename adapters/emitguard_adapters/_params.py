@@ -58,9 +58,3 @@ def other(
         return resolve(params, position, where=where, option=option)
     names = ", ".join(p.name for p in params) or "no parameters"
     raise AdapterError(f"{where}({names}) has no parameter to use; pass {option}= to name it")
-
-
-def returns_nothing(func: Callable[..., Any]) -> bool:
-    """True when the function is annotated ``-> None``: success is "did not raise"."""
-    annotation = inspect.signature(func).return_annotation
-    return annotation is None or annotation == "None"

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import wrapt
 
-from emitguard import AdapterError, Guard, hookimpl
+from emitguard import AdapterError, Guard, GuardOptions, hookimpl
 from emitguard.api import check_same_options
 from emitguard.calls import MISSING
-from emitguard_adapters._params import other, parameters, resolve, returns_nothing
+from emitguard_adapters._params import other, parameters, resolve
 
 __all__ = ["ADAPTER_OPTIONS", "ManagerAdapter", "emitguard_adapt"]
 
@@ -43,6 +43,8 @@ ADAPTER_OPTIONS: dict[str, Any] = {
     "owner_param": None,
 }
 """The manager adapter's own options and their defaults; every other option goes to Guard."""
+
+_VALID_OPTIONS = {*ADAPTER_OPTIONS, *GuardOptions.__dataclass_fields__, "outbox", "name"}
 
 
 if TYPE_CHECKING:
@@ -118,17 +120,33 @@ class ManagerAdapter:
                 raise AdapterError(f"{role} must be a method name, got {value!r}")
         if roles["send"] is None:
             raise AdapterError("send must name the manager's send method, got None")
+        unknown = sorted(set(options) - _VALID_OPTIONS)
+        if unknown:
+            raise TypeError(
+                f"unknown guard option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(sorted(_VALID_OPTIONS))}"
+            )
         guard_options = {k: v for k, v in options.items() if k not in ADAPTER_OPTIONS}
         existing = _existing(target, roles["send"])
         if existing is not None:
-            check_same_options(target, existing.options, options)
+            check_same_options(target, existing.normalize(existing.options), cls.normalize(options))
             return _Alias(existing)
         if isinstance(target, str):
             return cls._for_path(target, options, guard_options)
-        holder_name = target.__qualname__ if isinstance(target, type) else type(target).__qualname__
-        adapter = cls(target, options, Guard(name=holder_name, **guard_options))
+        if "name" not in guard_options:
+            kind = target if isinstance(target, type) else type(target)
+            guard_options["name"] = kind.__qualname__
+        adapter = cls(target, options, Guard(**guard_options))
         adapter.patch(target)
         return adapter
+
+    @staticmethod
+    def normalize(options: dict[str, Any]) -> dict[str, Any]:
+        """Options with every default filled in, to compare two calls of guard()."""
+        roles = {name: options.get(name, default) for name, default in ADAPTER_OPTIONS.items()}
+        rest = {k: v for k, v in options.items() if k not in ADAPTER_OPTIONS}
+        extra: dict[str, Any] = {k: rest.pop(k) for k in ("outbox", "name") if k in rest}
+        return {**roles, **GuardOptions.from_kwargs(rest).as_dict(), **extra}
 
     @classmethod
     def _for_path(
@@ -145,7 +163,8 @@ class ManagerAdapter:
             raise AdapterError(
                 f"a dotted-path target looks like 'package.module:ClassName', got {path!r}"
             )
-        adapter = cls(path, options, Guard(name=qualname, **guard_options))
+        guard_options.setdefault("name", qualname)
+        adapter = cls(path, options, Guard(**guard_options))
         if module_name in sys.modules:
             adapter.patch(_resolve(sys.modules[module_name], qualname, path))
             return adapter
@@ -184,7 +203,11 @@ class ManagerAdapter:
                     f"to emitguard.guard() to use another one"
                     + (" or associate=None to mark threads yourself" if role == "associate" else "")
                 )
-            func = getattr(holder, name)
+            func = (
+                raw
+                if isinstance(raw, (staticmethod, classmethod, property))
+                else getattr(holder, name)
+            )
             if not callable(func) or isinstance(raw, (staticmethod, classmethod, property)):
                 raise AdapterError(
                     f"{_label(holder)}.{name} is not a plain method ({type(raw).__name__}); "
@@ -229,27 +252,9 @@ class ManagerAdapter:
             if wanted is not None
             else other(params, thread, after=True, where=where, option="message_param")
         )
-        guard = self.guard
-        is_async = inspect.iscoroutinefunction(func)
-        if not returns_nothing(func):
-            return guard.sender(thread, message) if is_async else guard.sync_sender(thread, message)
-        # The original reports nothing: success is "did not raise". The original moves into
-        # the arguments of a helper that returns True, so the message sits one place right.
-        send = guard.send_call if is_async else guard.send_sync_call
-        call: Callable[..., Any] = _true_after_async if is_async else _true_after_sync
-        rebind = message.shifted(1).replace
-
-        def send_nothing(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-            return send(
-                _value(thread.pick(args, kwargs)),
-                _value(message.pick(args, kwargs)),
-                call,
-                (wrapped, *args),
-                kwargs,
-                rebind,
-            )
-
-        return send_nothing
+        if inspect.iscoroutinefunction(func):
+            return self.guard.sender(thread, message)
+        return self.guard.sync_sender(thread, message)
 
     def _associate_wrapper(
         self, func: Callable[..., Any], *, bound: bool, where: str
@@ -262,7 +267,6 @@ class ManagerAdapter:
             if wanted is not None
             else other(params, thread, after=False, where=where, option="owner_param")
         )
-        nothing = returns_nothing(func)
 
         def settle(args: Any, kwargs: Any, result: Any, error: BaseException | None) -> None:
             thread_id = thread.pick(args, kwargs)
@@ -274,10 +278,12 @@ class ManagerAdapter:
             try:
                 if error is not None:
                     self.guard.mark_error(thread_id, error)
-                elif result or nothing:
+                elif result or result is None:  # None: an association that reports nothing
                     self.guard.mark_connected(thread_id, _value(owner.pick(args, kwargs)))
-                else:
-                    self.guard.mark_disconnected(thread_id, f"{where} returned {result!r}")
+                else:  # not ready, but another owner may still carry the thread: no change
+                    log.debug(
+                        "%s returned %r: thread %s not marked ready", where, result, thread_id
+                    )
             except Exception:
                 log.exception("emitguard failed to record %s; the call itself succeeded", where)
 
@@ -332,16 +338,6 @@ def _observer(
         return result
 
     return call
-
-
-async def _true_after_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
-    await fn(*args, **kwargs)
-    return True
-
-
-def _true_after_sync(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> bool:
-    fn(*args, **kwargs)
-    return True
 
 
 def _value(value: Any) -> Any:

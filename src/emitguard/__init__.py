@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from emitguard.api import Adapted, guard, guarded, unguard
 from emitguard.errors import AdapterError, EmissionError
-from emitguard.guard import Guard, GuardStats, live_guards
+from emitguard.guard import Guard, live_guards
 from emitguard.hooks import hookimpl, register, unregister
 from emitguard.options import GuardOptions
 from emitguard.outbox import MemoryOutbox, Outbox, OutboxEntry
 from emitguard.records import Emission
 from emitguard.states import ConnectionState, Outcome
+from emitguard.stats import GuardStats
 
 __all__ = [
     "Adapted",

@@ -40,7 +40,8 @@ class ThreadSlot:
         self.busy = False
         self.slow = False
         """The line is held by a slow path (not by a hot-path send in flight)."""
-        self.queue: deque[asyncio.Future[None]] | None = None
+        self.queue: deque[tuple[asyncio.Future[None], int | None]] | None = None
+        """Tickets waiting for the line, with the seq of the emission each one carries."""
         self.ready: list[asyncio.Future[bool]] = []
         """Futures of barrier waiters, resolved on association."""
         self.timed_out = False
@@ -50,22 +51,41 @@ class ThreadSlot:
         """Why the thread is in its state (for DISCONNECTED and ERROR)."""
         self.owners: set[object] = set()
 
-    def take(self) -> asyncio.Future[None] | None:
-        """Take the line if free (returns ``None``), else join it and return the ticket."""
+    def __repr__(self) -> str:
+        return f"thread {self.thread_id}"
+
+    def take(self, seq: int | None = None) -> asyncio.Future[None] | None:
+        """Take the line if free (returns ``None``), else join it and return the ticket.
+
+        ``seq`` is the emission the ticket carries (``None`` for a flush): flushes never
+        deliver past the oldest emission still waiting in line.
+        """
         if not self.busy:
             self.busy = self.slow = True
             return None
         if self.queue is None:
             self.queue = deque()
         ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue.append(ticket)
+        self.queue.append((ticket, seq))
         return ticket
+
+    def first_waiting(self) -> int | None:
+        """The seq of the oldest emission waiting in line, if any."""
+        for ticket, seq in self.queue or ():
+            if seq is not None and not ticket.done():
+                return seq
+        return None
+
+    def reset_line(self) -> None:
+        """Free the line whatever holds it (its holder's event loop is gone)."""
+        self.busy = self.slow = False
+        self.queue = None
 
     def hand_on(self) -> bool:
         """Pass the line to the next live ticket; False (and the line is free) when none."""
         queue = self.queue
         while queue:
-            ticket = queue.popleft()
+            ticket, _ = queue.popleft()
             if ticket.done():
                 continue
             try:

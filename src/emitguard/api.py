@@ -30,6 +30,8 @@ class _Registry:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.by_key: dict[object, tuple[object, Adapted, dict[str, Any]]] = {}
+        self.primary: dict[int, Adapted] = {}
+        """The first adapted record of each guard (by the guard's id): the one that patched."""
 
     @staticmethod
     def key(target: object) -> object:
@@ -62,6 +64,7 @@ def guard(target: object, **options: Any) -> Guard:
         if not isinstance(adapted, Adapted):
             raise AdapterError(f"adapter returned {adapted!r}, which has no guard and unguard()")
         _registry.by_key[key] = (target, adapted, dict(options))
+        _registry.primary.setdefault(id(adapted.guard), adapted)
         return adapted.guard
 
 
@@ -69,9 +72,20 @@ def unguard(target: object) -> bool:
     """Restore a guarded target exactly; False when it was not guarded (nothing changes)."""
     with _registry.lock:
         known = _registry.by_key.pop(_registry.key(target), None)
-    if known is None:
-        return False
-    known[1].unguard()
+        if known is None:
+            return False
+        guard_of = known[1].guard
+        if _registry.primary.get(id(guard_of)) is not known[1] and any(
+            adapted.guard is guard_of for _, adapted, _ in _registry.by_key.values()
+        ):
+            return True  # an alias (e.g. an instance of a guarded class): forget it only
+        known[1].unguard()
+        _registry.primary.pop(id(guard_of), None)
+        # Targets that reached the same guard by another route (an instance of a guarded
+        # class, the class of a guarded dotted path) are no longer guarded either.
+        for key, (_, adapted, _) in list(_registry.by_key.items()):
+            if adapted.guard is guard_of:
+                del _registry.by_key[key]
     return True
 
 

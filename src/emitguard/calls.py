@@ -1,15 +1,24 @@
-"""Where a send's thread and message sit in a call, for adapters that wrap a method."""
+"""Call plumbing shared by the engine and adapters: where a send's thread and message sit in a
+call, deferred calls of the original send, and how a send's result is judged."""
 
 from __future__ import annotations
 
+import enum
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MISSING", "Arg"]
+__all__ = ["MISSING", "Arg", "Call", "Rebind", "Verdict", "WraptWrapper", "judge", "rebind_only"]
 
 MISSING: Any = object()
 """What :meth:`Arg.pick` returns for an argument the call did not pass."""
+
+Rebind = Callable[[tuple[Any, ...], dict[str, Any], Any], tuple[tuple[Any, ...], dict[str, Any]]]
+"""``rebind(args, kwargs, message)``: the call's arguments with ``message`` put in."""
+
+WraptWrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
+"""The calling convention of a wrapt wrapper: ``(wrapped, instance, args, kwargs)``."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,55 @@ class Arg:
             return (*args[: self.index], value, *args[self.index + 1 :]), kwargs
         return args, {**kwargs, str(self.name): value}
 
-    def shifted(self, by: int) -> Arg:
-        """The same argument when ``by`` arguments are put in front of the call."""
-        return Arg(None if self.index is None else self.index + by, self.name)
+
+class Call:
+    """A deferred call of the original send with a given message: ``call(message)``."""
+
+    __slots__ = ("args", "fn", "kwargs", "rebind")
+
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], rebind: Rebind
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.rebind = rebind
+
+    def __call__(self, message: Any) -> Any:
+        args, kwargs = self.rebind(self.args, self.kwargs, message)
+        return self.fn(*args, **kwargs)
+
+
+def rebind_only(
+    args: tuple[Any, ...], kwargs: dict[str, Any], message: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The rebind of a call whose only argument is the message."""
+    return (message,), kwargs
+
+
+class Verdict(enum.Enum):
+    """How one call of the original send went."""
+
+    OK = "ok"
+    """Delivered: it returned a truthy value or ``None`` (a send that reports nothing)."""
+    RETRY = "retry"
+    """Not delivered and worth another try: it returned a falsy value or raised (a transport
+    error); the thread is taken as disconnected."""
+    POISON = "poison"
+    """The send can never take this message (it raised one of the ``poison`` types, e.g.
+    ``TypeError``): not retried, the thread keeps its state."""
+
+
+def judge(result: Any) -> tuple[Verdict, str | None]:
+    """The verdict on a send that returned ``result``."""
+    if result or result is None:
+        return Verdict.OK, None
+    return Verdict.RETRY, f"send returned {result!r}"
+
+
+def judge_error(exc: BaseException, poison: tuple[type[BaseException], ...]) -> tuple[Verdict, str]:
+    """The verdict on a send that raised ``exc``."""
+    text = f"send raised {type(exc).__name__}: {exc}"
+    if isinstance(exc, poison):
+        return Verdict.POISON, f"{text} (the send cannot take this message; not retried)"
+    return Verdict.RETRY, text

@@ -72,7 +72,7 @@ class _Dispatch:
 
     def refresh(self) -> None:
         self.listening = bool(self.pm.hook.emitguard_emission.get_hookimpls())
-        from emitguard.guard import live_guards  # the engine imports this module first
+        from emitguard._core import live_guards  # the engine imports this module first
 
         for guard in live_guards():
             guard.refresh()

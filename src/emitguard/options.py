@@ -42,6 +42,10 @@ class GuardOptions:
     """Key under which ``seq`` is stamped into dict messages (a copy); ``None``: no stamp."""
     strict: bool = False
     """Raise :class:`~emitguard.EmissionError` instead of returning falsy."""
+    poison: tuple[type[BaseException], ...] = (TypeError, ValueError)
+    """Exceptions from the original send that mean the message itself cannot be sent (it does
+    not serialise, the call is wrong): such an event is FAILED at once instead of being kept
+    and retried, and the thread keeps its state."""
 
     def __post_init__(self) -> None:
         _number("ready_timeout", self.ready_timeout, allow_zero=True)
@@ -58,6 +62,7 @@ class GuardOptions:
             raise ValueError(f"stamp_seq must be a non-empty key or None, got {self.stamp_seq!r}")
         if not isinstance(self.strict, bool):
             raise TypeError(f"strict must be a bool, got {self.strict!r}")
+        object.__setattr__(self, "poison", _exception_types(self.poison))
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> GuardOptions:
@@ -94,6 +99,15 @@ def _count(name: str, value: object) -> None:
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _exception_types(value: object) -> tuple[type[BaseException], ...]:
+    items = (value,) if isinstance(value, type) else value
+    if not isinstance(items, (tuple, list, set, frozenset)) or not all(
+        isinstance(item, type) and issubclass(item, BaseException) for item in items
+    ):
+        raise TypeError(f"poison must be exception classes, got {value!r}")
+    return tuple(items)
 
 
 def _event_types(value: object) -> frozenset[str]:

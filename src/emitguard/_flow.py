@@ -1,0 +1,211 @@
+"""The outbox flow: buffering with bounds, in-order flushes, the thread's line, TTL expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from emitguard._core import CONNECTED, GuardCore, log
+from emitguard._line import ThreadSlot
+from emitguard.calls import Verdict, judge, judge_error
+from emitguard.outbox import OutboxEntry
+from emitguard.states import ConnectionState, Outcome
+
+
+class OutboxFlow(GuardCore):
+    """Moves emissions into the outbox and out of it again, always in ``seq`` order."""
+
+    async def _attempt(
+        self, deliver: Any, message: Any, is_async: bool
+    ) -> tuple[Verdict, str | None]:
+        """Call the original send once; cancellation propagates."""
+        try:
+            result = deliver(message)
+            if is_async:
+                result = await result
+        except Exception as exc:
+            return judge_error(exc, self._poison)
+        return judge(result)
+
+    async def _buffer(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> bool:
+        """Put an emission into the outbox, applying the bounds; records what happened."""
+        cannot = self.outbox.check(entry.message)
+        if cannot is not None:
+            outcome = Outcome.FAILED if entry.attempts else Outcome.REJECTED
+            return self._conclude(self._entry_record(entry, outcome, f"{reason}; {cannot}"))
+        opts = self.options
+        thread_full = slot.backlog >= opts.max_per_thread
+        if thread_full or self._total >= opts.max_total:
+            bound = (
+                f"max_per_thread={opts.max_per_thread}"
+                if thread_full
+                else f"max_total={opts.max_total}"
+            )
+            full = f"outbox full, {bound}"
+            if opts.overflow == "reject":
+                return self._conclude(self._entry_record(entry, Outcome.REJECTED, full))
+            if opts.overflow == "drop_newest" and entry.event_type not in opts.protect:
+                return self._conclude(
+                    self._entry_record(entry, Outcome.DROPPED, f"{full}, overflow=drop_newest")
+                )
+            victim = await self.outbox.evict_oldest(
+                slot.thread_id if thread_full else None, opts.protect
+            )
+            if victim is None:
+                return self._conclude(
+                    self._entry_record(
+                        entry, Outcome.DROPPED, f"{full}, every buffered event is protected"
+                    )
+                )
+            self._forget(victim)
+            self._note(
+                self._entry_record(
+                    victim, Outcome.DROPPED, f"{full}, evicted for a newer event ({opts.overflow})"
+                )
+            )
+        entry.buffered = time.monotonic()
+        await self.outbox.push(entry)
+        slot.backlog += 1
+        self._total += 1
+        self._backlogged.add(slot)
+        self._ensure_sweeper()
+        return self._conclude(self._entry_record(entry, Outcome.BUFFERED, reason))
+
+    async def _flush_in_line(self, slot: ThreadSlot, upto: int | None = None) -> None:
+        """Deliver the thread's buffered emissions in order (those with ``seq <= upto``).
+
+        Stops at the first failed delivery, which disconnects the thread; an event the send
+        can never take (poison) is FAILED and the flush goes on. The caller holds the line.
+        """
+        ttl = self.options.ttl
+        while slot.state is CONNECTED and slot.backlog:
+            entry = await self.outbox.head(slot.thread_id)
+            if entry is None:
+                log.error("outbox %r lost %d event(s) of %s", self.outbox, slot.backlog, slot)
+                self._total -= slot.backlog
+                slot.backlog = 0
+                self._backlogged.discard(slot)
+                break
+            waiting = slot.first_waiting()
+            if (upto is not None and entry.seq > upto) or (
+                waiting is not None and entry.seq > waiting
+            ):
+                break  # an older emission is still on its way: it goes first
+            if ttl is not None and time.monotonic() - entry.created > ttl:
+                await self._settle(entry, Outcome.EXPIRED, expired_reason(ttl))
+                continue
+            if entry.deliver is None:
+                await self._settle(entry, Outcome.FAILED, "no send to deliver it with")
+                continue
+            entry.attempts += 1
+            verdict, why = await self._attempt(entry.deliver, entry.message, entry.is_async)
+            if verdict is Verdict.RETRY:
+                self._set_state(slot, ConnectionState.DISCONNECTED, f"flush failed: {why}")
+                break
+            outcome = Outcome.FLUSHED if verdict is Verdict.OK else Outcome.FAILED
+            await self._settle(entry, outcome, why)
+
+    async def _settle(self, entry: OutboxEntry, outcome: Outcome, reason: str | None) -> None:
+        """Take an entry out of the outbox with its terminal outcome."""
+        await self.outbox.remove(entry.thread_id, entry.seq)
+        self._forget(entry)
+        self._note(self._entry_record(entry, outcome, reason))
+
+    def _forget(self, entry: OutboxEntry) -> None:
+        """Account for an entry that left the outbox."""
+        self._total -= 1
+        slot = self._threads.get(entry.thread_id)
+        if slot is not None:
+            slot.backlog -= 1
+            if not slot.backlog:
+                self._backlogged.discard(slot)
+
+    # ------------------------------------------------------------- the line
+
+    def _leave(self, slot: ThreadSlot) -> None:
+        """Give up the thread's line; flush what was buffered meanwhile."""
+        if slot.hand_on():
+            return
+        if slot.backlog and slot.state is CONNECTED:
+            self._schedule_flush(slot)
+
+    async def _flush_task(self, slot: ThreadSlot) -> None:
+        ticket = slot.take()
+        try:
+            if ticket is not None:
+                await ticket
+            slot.flush_pending = False
+            if slot.state is CONNECTED:
+                await self._flush_in_line(slot)
+        finally:
+            slot.flush_pending = False
+            self._leave(slot)
+
+    def _schedule_flush(self, slot: ThreadSlot) -> None:
+        """Start a flush of the thread on an event loop, wherever this was called from."""
+        if slot.flush_pending:
+            return
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            slot.flush_pending = True
+            self._spawn(self._flush_task(slot))
+            return
+        known = self._loop
+        if known is not None and known.is_running() and not known.is_closed():
+            known.call_soon_threadsafe(self._schedule_flush, slot)
+            return
+        # No event loop runs here or anywhere we know of: whoever held the thread's line died
+        # with its loop. Flush to the end right here, in a private loop.
+        if slot.busy:
+            log.warning("%s: the line's holder died with its event loop; line reset", slot)
+            slot.reset_line()
+        slot.flush_pending = True
+        try:
+            asyncio.run(self._flush_task(slot))
+        except Exception:
+            log.exception("emitguard could not flush %s", slot)
+
+    # ----------------------------------------------------------- expiry
+
+    async def _expire(self) -> None:
+        ttl = self.options.ttl
+        if ttl is None or not self._total:
+            return
+        cutoff = time.monotonic() - ttl
+        for slot in list(self._backlogged):
+            if slot.busy:
+                continue  # its holder checks expiry before every delivery
+            for entry in await self.outbox.expire(slot.thread_id, cutoff):
+                self._forget(entry)
+                self._note(self._entry_record(entry, Outcome.EXPIRED, expired_reason(ttl)))
+
+    def _ensure_sweeper(self) -> None:
+        if self.options.ttl is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # stats(), drain() and flushes expire lazily
+        sweeper = self._sweeper
+        if sweeper is not None and not sweeper.done() and sweeper.get_loop() is loop:
+            return
+        task = asyncio.current_task()
+        if task is not None and getattr(task, "cancelling", lambda: 0)():
+            return  # the loop is winding this task down; do not leave a task behind
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        ttl = self.options.ttl
+        assert ttl is not None
+        interval = min(max(ttl / 4, 0.01), 1.0)
+        while self._total:
+            await asyncio.sleep(interval)
+            await self._expire()
+
+
+def expired_reason(ttl: float) -> str:
+    return f"expired after ttl={ttl}s in the outbox"

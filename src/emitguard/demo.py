@@ -1,0 +1,692 @@
+"""``emitguard demo``: the incident's race, run bare and then guarded, side by side.
+
+Each simulated run is one agent working on its own thread (``thread-<i>``) for its own user
+(``user-<i>``) against :class:`emitguard.testing.ReferenceManager`, the in-memory copy of the
+legacy connection manager from the emission failure report:
+
+1. the client connects (``manager.connect(user)``, no thread yet);
+2. the agent starts emitting its five events at once, with small seeded pauses between them;
+3. the client's thread association (``update_connection_thread``) lands after a seeded lag;
+4. in a seeded share of the runs the connection drops after event *k* (``drop_connection``
+   behind the manager's back, or ``disconnect_user``) and the client reconnects and
+   re-associates after short seeded delays.
+
+The same draws are replayed twice: on the bare manager, then on the manager guarded with
+:func:`emitguard.guard`. What each thread's sockets actually received is then compared with
+what the agent emitted.
+
+Determinism: :func:`run_demo` runs on an event loop whose clock is virtual. The loop moves its
+clock to the next timer only once nothing else is runnable, so which event beats which
+association depends on the seeded draws alone, never on how busy the machine is. By default
+the loop also sleeps for real as its clock moves (``pace=True``), so waits measured by the
+engine on the real clock (``Emission.waited``) still mean something; those and the wall time
+are the only numbers that vary between two runs with the same seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+import selectors
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TextIO
+
+import emitguard
+from emitguard.records import Emission
+from emitguard.states import Outcome
+from emitguard.testing import FakeSocket, ReferenceManager
+
+if TYPE_CHECKING:
+    from _typeshed import FileDescriptorLike
+
+__all__ = [
+    "EVENTS",
+    "DemoConfig",
+    "DemoReport",
+    "DropPlan",
+    "ProgressBar",
+    "RunPlan",
+    "ScenarioResult",
+    "Tally",
+    "VirtualClockLoop",
+    "percentile",
+    "plan_runs",
+    "render_table",
+    "run_demo",
+    "run_guarded",
+    "run_scenarios",
+    "run_unguarded",
+    "simulate_run",
+    "table_rows",
+    "tally",
+    "verdict",
+]
+
+EVENTS: tuple[str, ...] = (
+    "agent_started",
+    "agent_thinking",
+    "tool_executing",
+    "tool_completed",
+    "agent_completed",
+)
+"""What every simulated agent emits, in this order."""
+
+LEGACY_LOGGER = "emitguard.testing.legacy.demo"
+"""The logger the demo's legacy managers log to (a child of the legacy manager's logger)."""
+
+CANNOT_DELIVER = "Cannot deliver"
+
+Progress = Callable[[str, int, int], None]
+"""``progress(phase, done, total)``, called as runs finish."""
+
+DropKind = Literal["drop_connection", "disconnect_user"]
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What to simulate. Times are in seconds."""
+
+    runs: int = 200
+    seed: int = 7
+    lag: float = 0.05
+    """Largest delay between connecting and the thread association."""
+    drop_rate: float = 0.05
+    """Share of runs whose connection drops mid-run and reconnects."""
+    ready_timeout: float | None = None
+    """The guard's readiness barrier; ``None``: ``lag + 1`` (longer than any association lag)."""
+    drain_timeout: float = 5.0
+    pace: bool = True
+    """Sleep for real as the virtual clock moves (see the module docstring)."""
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ValueError(f"runs must be >= 1, got {self.runs}")
+        if not math.isfinite(self.lag) or self.lag < 0:
+            raise ValueError(f"lag must be a finite number >= 0, got {self.lag}")
+        if not 0.0 <= self.drop_rate <= 1.0:
+            raise ValueError(f"drop_rate must be between 0 and 1, got {self.drop_rate}")
+
+    @property
+    def barrier_timeout(self) -> float:
+        """The ``ready_timeout`` the guard gets."""
+        return self.ready_timeout if self.ready_timeout is not None else self.lag + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DropPlan:
+    """A connection that drops after event ``after_event`` (1-based) and comes back."""
+
+    after_event: int
+    kind: DropKind
+    reconnect_after: float
+    """Delay between the drop and the new connection."""
+    reassociate_after: float
+    """Delay between the new connection and its thread association."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """Every random choice of one run, drawn up front."""
+
+    index: int
+    associate_after: float
+    gaps: tuple[float, ...]
+    """Pauses of the agent between consecutive events."""
+    drop: DropPlan | None
+
+    @property
+    def thread_id(self) -> str:
+        return f"thread-{self.index}"
+
+    @property
+    def user_id(self) -> str:
+        return f"user-{self.index}"
+
+
+def plan_runs(config: DemoConfig) -> list[RunPlan]:
+    """Draw every run's timings from ``random.Random(config.seed)``.
+
+    Every run consumes the same number of draws whatever the options, so changing
+    ``drop_rate`` changes which runs drop, not the timings of the others.
+    """
+    rng = random.Random(config.seed)
+    return [_plan_one(rng, index, config) for index in range(config.runs)]
+
+
+def _plan_one(rng: random.Random, index: int, config: DemoConfig) -> RunPlan:
+    lag = config.lag
+    associate_after = rng.uniform(0.0, lag)
+    gaps = tuple(rng.uniform(0.0, lag / 2) for _ in EVENTS[1:])
+    roll = rng.random()
+    drop = DropPlan(
+        after_event=rng.randint(1, len(EVENTS) - 1),
+        kind=rng.choice(("drop_connection", "disconnect_user")),
+        reconnect_after=rng.uniform(0.0, lag),
+        reassociate_after=rng.uniform(0.0, lag / 2),
+    )
+    return RunPlan(index, associate_after, gaps, drop if roll < config.drop_rate else None)
+
+
+# --------------------------------------------------------------------------- one run
+
+
+async def simulate_run(manager: ReferenceManager, plan: RunPlan) -> None:
+    """Play one run: the client connects, then the agent and the client go on concurrently."""
+    socket = manager.connect(plan.user_id)
+    reached = asyncio.Event()
+    await asyncio.gather(_agent(manager, plan, reached), _client(manager, plan, socket, reached))
+
+
+async def _agent(manager: ReferenceManager, plan: RunPlan, reached: asyncio.Event) -> None:
+    """Start emitting at once, pausing briefly between events; say when the drop point passed."""
+    drop_after = plan.drop.after_event if plan.drop is not None else None
+    for number, event in enumerate(EVENTS, start=1):
+        if number > 1:
+            await asyncio.sleep(plan.gaps[number - 2])
+        message = {"type": event, "thread_id": plan.thread_id, "n": number}
+        await manager.send_to_thread(plan.thread_id, message)
+        if number == drop_after:
+            reached.set()
+
+
+async def _client(
+    manager: ReferenceManager, plan: RunPlan, socket: FakeSocket, reached: asyncio.Event
+) -> None:
+    """Associate the thread after the lag; drop and come back if the plan says so."""
+    await asyncio.sleep(plan.associate_after)
+    manager.update_connection_thread(plan.user_id, plan.thread_id)
+    drop = plan.drop
+    if drop is None:
+        return
+    await reached.wait()
+    if drop.kind == "drop_connection":
+        manager.drop_connection(socket.connection_id)
+    else:
+        manager.disconnect_user(plan.user_id)
+    await asyncio.sleep(drop.reconnect_after)
+    manager.connect(plan.user_id)
+    await asyncio.sleep(drop.reassociate_after)
+    manager.update_connection_thread(plan.user_id, plan.thread_id)
+
+
+async def _play_all(
+    manager: ReferenceManager, plans: Sequence[RunPlan], phase: str, progress: Progress | None
+) -> None:
+    """Play every run concurrently, reporting progress as they finish."""
+    done = 0
+    total = len(plans)
+
+    async def one(plan: RunPlan) -> None:
+        nonlocal done
+        await simulate_run(manager, plan)
+        done += 1
+        if progress is not None:
+            progress(phase, done, total)
+
+    if progress is not None:
+        progress(phase, 0, total)
+    await asyncio.gather(*(one(plan) for plan in plans))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass(frozen=True)
+class Tally:
+    """What the clients received, compared with what was emitted."""
+
+    delivered: int
+    out_of_order: int
+    duplicates: int
+
+
+def tally(received: Mapping[str, Iterable[Any]], key: str) -> Tally:
+    """Count unique deliveries, late arrivals and duplicate copies per thread.
+
+    ``key`` names the field that identifies an emission (``"seq"`` for the guarded run, whose
+    delivery is at least once). An event is out of order when it arrives after an event that
+    was emitted later (field ``n``, the emission order).
+    """
+    delivered = out_of_order = duplicates = 0
+    for messages in received.values():
+        seen: set[Any] = set()
+        highest = 0
+        for message in messages:
+            ident = message.get(key)
+            if ident in seen:
+                duplicates += 1
+                continue
+            seen.add(ident)
+            number = message["n"]
+            if number < highest:
+                out_of_order += 1
+            highest = max(highest, number)
+        delivered += len(seen)
+    return Tally(delivered, out_of_order, duplicates)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100); ``None`` for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScenarioResult:
+    """The numbers of one scenario. Guard-only fields are ``None`` for the bare run."""
+
+    name: str
+    runs: int
+    drops: int
+    emitted: int
+    delivered: int
+    lost: int
+    out_of_order: int
+    duplicates: int
+    legacy_warnings: int
+    wall_time: float
+    held: int | None = None
+    """Sends the readiness barrier held (``Emission.waited > 0``)."""
+    barrier_wait_p50: float | None = None
+    barrier_wait_p99: float | None = None
+    still_buffered: int | None = None
+    """What ``guard.drain()`` left in the outbox."""
+    outcomes: dict[str, int] | None = None
+    """``guard.stats().outcomes``, by outcome name."""
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost, nothing out of order."""
+        return self.lost == 0 and self.out_of_order == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoReport:
+    """Both scenarios of one demo."""
+
+    config: DemoConfig
+    unguarded: ScenarioResult
+    guarded: ScenarioResult
+
+    @property
+    def ok(self) -> bool:
+        """The guarded run lost nothing and reordered nothing."""
+        return self.guarded.ok
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "config": dataclasses.asdict(self.config),
+            "unguarded": dataclasses.asdict(self.unguarded),
+            "guarded": dataclasses.asdict(self.guarded),
+            "ok": self.ok,
+            "verdict": verdict(self),
+        }
+
+
+class _LegacyWarnings(logging.Handler):
+    """Counts the legacy manager's "Cannot deliver" warnings."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.cannot_deliver = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(CANNOT_DELIVER):
+            self.cannot_deliver += 1
+
+
+class _BarrierWaits:
+    """An emitguard listener keeping ``waited`` of one guard's terminal records."""
+
+    def __init__(self, guard: emitguard.Guard) -> None:
+        self.guard = guard
+        self.waits: list[float] = []
+
+    @emitguard.hookimpl
+    def emitguard_emission(self, emission: Emission, guard: emitguard.Guard) -> None:
+        if guard is self.guard and emission.outcome is not Outcome.BUFFERED:
+            self.waits.append(emission.waited)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+async def run_unguarded(
+    config: DemoConfig,
+    plans: Sequence[RunPlan],
+    *,
+    progress: Progress | None = None,
+    show_legacy_logs: bool = False,
+) -> ScenarioResult:
+    """Play the runs on a bare legacy manager."""
+    manager, counter = _legacy_manager(show_legacy_logs)
+    _resync()
+    started = time.perf_counter()
+    try:
+        await _play_all(manager, plans, "unguarded", progress)
+    finally:
+        _detach(manager, counter)
+    wall = time.perf_counter() - started
+    got = tally(_received(manager, plans), "n")
+    return _result("unguarded", plans, got, counter.cannot_deliver, wall)
+
+
+async def run_guarded(
+    config: DemoConfig,
+    plans: Sequence[RunPlan],
+    *,
+    progress: Progress | None = None,
+    show_legacy_logs: bool = False,
+) -> ScenarioResult:
+    """Play the same runs on a legacy manager guarded with :func:`emitguard.guard`."""
+    manager, counter = _legacy_manager(show_legacy_logs)
+    try:
+        result = await _play_guarded(config, plans, manager, progress)
+    finally:
+        _detach(manager, counter)
+    return dataclasses.replace(result, legacy_warnings=counter.cannot_deliver)
+
+
+async def _play_guarded(
+    config: DemoConfig,
+    plans: Sequence[RunPlan],
+    manager: ReferenceManager,
+    progress: Progress | None,
+) -> ScenarioResult:
+    guard = emitguard.guard(
+        manager,
+        disconnect="disconnect_user",
+        stamp_seq="seq",
+        ready_timeout=config.barrier_timeout,
+    )
+    listener = _BarrierWaits(guard)
+    emitguard.register(listener)
+    try:
+        _resync()
+        started = time.perf_counter()
+        await _play_all(manager, plans, "guarded", progress)
+        still_buffered = await guard.drain(config.drain_timeout)
+        wall = time.perf_counter() - started
+        stats = guard.stats()
+    finally:
+        emitguard.unregister(listener)
+        await guard.aclose()
+        emitguard.unguard(manager)
+    held = [waited for waited in listener.waits if waited > 0]
+    result = _result("guarded", plans, tally(_received(manager, plans), "seq"), 0, wall)
+    return dataclasses.replace(
+        result,
+        held=len(held),
+        barrier_wait_p50=percentile(held, 50),
+        barrier_wait_p99=percentile(held, 99),
+        still_buffered=still_buffered,
+        outcomes={outcome.value: count for outcome, count in stats.outcomes.items()},
+    )
+
+
+async def run_scenarios(
+    config: DemoConfig, *, progress: Progress | None = None, show_legacy_logs: bool = False
+) -> DemoReport:
+    """Draw the plans, then play them unguarded and guarded, on the running loop."""
+    plans = plan_runs(config)
+    unguarded = await run_unguarded(
+        config, plans, progress=progress, show_legacy_logs=show_legacy_logs
+    )
+    guarded = await run_guarded(config, plans, progress=progress, show_legacy_logs=show_legacy_logs)
+    return DemoReport(config, unguarded, guarded)
+
+
+def run_demo(
+    config: DemoConfig | None = None,
+    *,
+    progress: Progress | None = None,
+    show_legacy_logs: bool = False,
+) -> DemoReport:
+    """Run the demo on its own virtual-clock event loop (reproducible; see the module doc)."""
+    config = config if config is not None else DemoConfig()
+    loop = VirtualClockLoop(pace=config.pace)
+    try:
+        return loop.run_until_complete(
+            run_scenarios(config, progress=progress, show_legacy_logs=show_legacy_logs)
+        )
+    finally:
+        _close_loop(loop)
+
+
+def _legacy_manager(show_logs: bool) -> tuple[ReferenceManager, _LegacyWarnings]:
+    logger = logging.getLogger(LEGACY_LOGGER)
+    counter = _LegacyWarnings()
+    logger.addHandler(counter)
+    logger.propagate = show_logs
+    return ReferenceManager(logger=logger), counter
+
+
+def _detach(manager: ReferenceManager, counter: _LegacyWarnings) -> None:
+    manager.logger.removeHandler(counter)
+    manager.logger.propagate = True
+
+
+def _received(manager: ReferenceManager, plans: Iterable[RunPlan]) -> dict[str, list[Any]]:
+    return {plan.thread_id: manager.received(plan.thread_id) for plan in plans}
+
+
+def _result(
+    name: str, plans: Sequence[RunPlan], got: Tally, warnings: int, wall: float
+) -> ScenarioResult:
+    emitted = len(plans) * len(EVENTS)
+    return ScenarioResult(
+        name=name,
+        runs=len(plans),
+        drops=sum(1 for plan in plans if plan.drop is not None),
+        emitted=emitted,
+        delivered=got.delivered,
+        lost=emitted - got.delivered,
+        out_of_order=got.out_of_order,
+        duplicates=got.duplicates,
+        legacy_warnings=warnings,
+        wall_time=wall,
+    )
+
+
+# --------------------------------------------------------------------------- the event loop
+
+
+class _Clock:
+    __slots__ = ("now",)
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+
+class _SteppingSelector(selectors.BaseSelector):
+    """Real I/O through a real selector; a wait for the next timer moves the clock instead."""
+
+    def __init__(self, clock: _Clock, pace: bool) -> None:
+        self._clock = clock
+        self._pace = pace
+        self.origin: float | None = None
+        """Real time (``time.monotonic()``) matching virtual time 0; ``None``: set at the next
+        select."""
+        self._real = selectors.DefaultSelector()
+
+    def register(
+        self, fileobj: FileDescriptorLike, events: int, data: Any = None
+    ) -> selectors.SelectorKey:
+        return self._real.register(fileobj, events, data)
+
+    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
+        return self._real.unregister(fileobj)
+
+    def modify(
+        self, fileobj: FileDescriptorLike, events: int, data: Any = None
+    ) -> selectors.SelectorKey:
+        return self._real.modify(fileobj, events, data)
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        if self.origin is None:
+            self.origin = time.monotonic() - self._clock.now
+        if timeout is None:
+            return self._real.select(None)
+        ready = self._real.select(0)
+        if ready or timeout <= 0:
+            return ready
+        self._clock.now += timeout
+        if self._pace:
+            self._keep_pace(self.origin)
+        return []
+
+    def _keep_pace(self, origin: float) -> None:
+        """Sleep until the real clock reaches the virtual one, like a real loop waiting for
+        its next timer; when the loop is behind (busy running callbacks), do not sleep."""
+        ahead = origin + self._clock.now - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
+        return self._real.get_map()
+
+    def close(self) -> None:
+        self._real.close()
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose ``time()`` only moves when nothing is runnable.
+
+    Timers therefore fire in the order of their due times, each after everything scheduled
+    before it has settled, whatever the real speed of the machine. With ``pace=True`` the loop
+    also sleeps until the real clock reaches each timer, so real-clock measurements (such as
+    ``Emission.waited``) come out as on a real loop.
+    """
+
+    def __init__(self, *, pace: bool = True) -> None:
+        self._clock = _Clock()
+        self._stepper = _SteppingSelector(self._clock, pace)
+        super().__init__(self._stepper)
+
+    def time(self) -> float:
+        return self._clock.now
+
+    def resync(self) -> None:
+        """Forget how far the real clock fell behind; pace from now on."""
+        self._stepper.origin = None
+
+
+def _resync() -> None:
+    """Start a scenario's pacing afresh when running on a :class:`VirtualClockLoop`."""
+    loop = asyncio.get_running_loop()
+    if isinstance(loop, VirtualClockLoop):
+        loop.resync()
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _millis(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
+    """The rows of the comparison table: ``(metric, unguarded, guarded)``."""
+    bare, safe = report.unguarded, report.guarded
+    rows: list[tuple[str, str, str]] = [
+        ("runs (one thread each)", str(bare.runs), str(safe.runs)),
+        ("runs with a dropped connection", str(bare.drops), str(safe.drops)),
+        ("events emitted", str(bare.emitted), str(safe.emitted)),
+        ("events delivered (unique)", str(bare.delivered), str(safe.delivered)),
+        ("events lost", str(bare.lost), str(safe.lost)),
+        ("events out of order", str(bare.out_of_order), str(safe.out_of_order)),
+        ("duplicate copies (deduped by seq)", str(bare.duplicates), str(safe.duplicates)),
+        ("legacy 'Cannot deliver' warnings", str(bare.legacy_warnings), str(safe.legacy_warnings)),
+        ("still buffered after drain", "n/a", _count(safe.still_buffered)),
+    ]
+    outcomes = safe.outcomes or {}
+    rows += [
+        (f"guard outcome {outcome.value}", "n/a", str(outcomes.get(outcome.value, 0)))
+        for outcome in Outcome
+    ]
+    rows += [
+        ("sends held at the barrier", "n/a", _count(safe.held)),
+        ("barrier wait p50 (ms)", "n/a", _millis(safe.barrier_wait_p50)),
+        ("barrier wait p99 (ms)", "n/a", _millis(safe.barrier_wait_p99)),
+        ("wall time (s)", f"{bare.wall_time:.2f}", f"{safe.wall_time:.2f}"),
+    ]
+    return rows
+
+
+def render_table(report: DemoReport) -> str:
+    """The side-by-side table as plain text."""
+    header = ("metric", "unguarded", "guarded")
+    rows = table_rows(report)
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(3)]
+
+    def line(row: tuple[str, str, str]) -> str:
+        return f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}".rstrip()
+
+    rule = ("-" * widths[0], "-" * widths[1], "-" * widths[2])
+    return "\n".join([line(header), line(rule), *(line(row) for row in rows)])
+
+
+def verdict(report: DemoReport) -> str:
+    """One line: what the guard changed, or what it failed to do."""
+    bare, safe = report.unguarded, report.guarded
+    share = bare.lost / bare.emitted if bare.emitted else 0.0
+    if safe.ok:
+        return (
+            f"PASS: unguarded lost {bare.lost}/{bare.emitted} events ({share:.0%}); "
+            f"guarded delivered all {safe.delivered} in order, 0 lost."
+        )
+    return (
+        f"FAIL: guarded lost {safe.lost}/{safe.emitted} events, {safe.out_of_order} out of "
+        f"order, {_count(safe.still_buffered)} still buffered "
+        f"(unguarded lost {bare.lost})."
+    )
+
+
+class ProgressBar:
+    """A one-line text progress bar (``\\r``-redrawn); silent when disabled."""
+
+    def __init__(self, stream: TextIO | None = None, *, width: int = 20, enabled: bool = True):
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.enabled = enabled
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled or (phase, done) == self._last:
+            return
+        self._last = (phase, done)
+        filled = self.width * done // total if total else self.width
+        bar = "#" * filled + "-" * (self.width - filled)
+        digits = len(str(total))
+        self.stream.write(f"\r{phase:<9} [{bar}] {done:>{digits}}/{total}")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()

@@ -1,0 +1,27 @@
+"""Snapshots of a guard's counters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from emitguard.states import ConnectionState, Outcome
+
+__all__ = ["GuardStats"]
+
+
+@dataclass(frozen=True)
+class GuardStats:
+    """A snapshot of a guard's counters (exact whenever no send is in flight)."""
+
+    outcomes: Mapping[Outcome, int]
+    """How many records of each outcome the guard has made."""
+    pending: Mapping[str, int]
+    """Buffered emissions per thread (threads with none are left out)."""
+    states: Mapping[str, ConnectionState] = field(default_factory=dict)
+    """The state of every thread the guard knows."""
+
+    @property
+    def pending_total(self) -> int:
+        """Buffered emissions over all threads."""
+        return sum(self.pending.values())
