@@ -64,7 +64,7 @@ async def _interleaved(
 ) -> dict[str, float]:
     """Median seconds per call of each variant, measured in alternating rounds."""
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for name, (call, threads) in variants.items():  # warm up
+    for call, threads in variants.values():  # warm up
         await _time_loop(call, threads, n // 10 + 1)
     for _ in range(rounds):
         for name, (call, threads) in variants.items():
@@ -214,7 +214,8 @@ def report(results: dict[str, Any]) -> str:
     lines.append("")
     lines.append("2. barrier release latency (association -> waiting send delivered)")
     lines.append(
-        f"   asyncio.Event wake   p50 {_us(barrier['event_wake_p50'])}  p99 {_us(barrier['event_wake_p99'])}"
+        f"   asyncio.Event wake   p50 {_us(barrier['event_wake_p50'])}"
+        f"  p99 {_us(barrier['event_wake_p99'])}"
     )
     lines.append(
         f"   barrier release      p50 {_us(barrier['barrier_release_p50'])}"
