@@ -64,15 +64,15 @@ def test_register_refreshes_the_hot_path_flag() -> None:
             pass
 
     guard = Guard()
-    assert guard._plain
+    assert guard._hot is guard._threads
     listener = Listener()
     emitguard.register(listener)
     try:
-        assert not guard._plain
+        assert guard._hot == {}
     finally:
         emitguard.unregister(listener)
-    assert guard._plain
-    assert not Guard(stamp_seq="seq")._plain
+    assert guard._hot is guard._threads
+    assert Guard(stamp_seq="seq")._hot == {}
 
 
 def test_third_party_adapter_wins_before_the_manager_adapter() -> None:

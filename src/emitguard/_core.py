@@ -51,6 +51,8 @@ class GuardCore:
         self._seq_elsewhere = 0
         """Seqs given out by any path but a hot-path delivery that worked."""
         self._total = 0
+        self._in_flight: set[tuple[str, int]] = set()
+        """(thread, seq) of outbox entries whose delivery is under way."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -58,15 +60,17 @@ class GuardCore:
         self._strict = self.options.strict
         self._poison = self.options.poison
         self._dispatch = hooks._dispatch
-        self._plain = True
-        """No seq stamping and no listeners: the hot path needs no record."""
+        self._hot: dict[str, ThreadSlot] = self._threads
+        """The threads the hot path may serve: all of them, or none while a record is needed
+        for every delivery (someone listens, or seqs are stamped)."""
         hooks.load_entry_points()
         _live.add(self)
         self.refresh()
 
     def refresh(self) -> None:
         """Re-read whether anyone listens to records (called when plugins change)."""
-        self._plain = self._stamp is None and not self._dispatch.listening
+        plain = self._stamp is None and not self._dispatch.listening
+        self._hot = self._threads if plain else {}
 
     # --------------------------------------------------------------- threads
 

@@ -50,7 +50,7 @@ class OutboxFlow(GuardCore):
                     self._entry_record(entry, Outcome.DROPPED, f"{full}, overflow=drop_newest")
                 )
             victim = await self.outbox.evict_oldest(
-                slot.thread_id if thread_full else None, opts.protect
+                slot.thread_id if thread_full else None, opts.protect, self._in_flight
             )
             if victim is None:
                 return self._conclude(
@@ -99,16 +99,28 @@ class OutboxFlow(GuardCore):
                 await self._settle(entry, Outcome.FAILED, "no send to deliver it with")
                 continue
             entry.attempts += 1
-            verdict, why = await self._attempt(entry.deliver, entry.message, entry.is_async)
+            key = (entry.thread_id, entry.seq)
+            self._in_flight.add(key)  # not evicted while the send runs
+            try:
+                verdict, why = await self._attempt(entry.deliver, entry.message, entry.is_async)
+            finally:
+                self._in_flight.discard(key)
             if verdict is Verdict.RETRY:
                 self._set_state(slot, ConnectionState.DISCONNECTED, f"flush failed: {why}")
                 break
-            outcome = Outcome.FLUSHED if verdict is Verdict.OK else Outcome.FAILED
-            await self._settle(entry, outcome, why)
+            if verdict is Verdict.OK:
+                why = f"delivered from the outbox on attempt {entry.attempts}"
+                await self._settle(entry, Outcome.FLUSHED, why)
+            else:
+                await self._settle(entry, Outcome.FAILED, why)
 
     async def _settle(self, entry: OutboxEntry, outcome: Outcome, reason: str | None) -> None:
         """Take an entry out of the outbox with its terminal outcome."""
-        await self.outbox.remove(entry.thread_id, entry.seq)
+        if not await self.outbox.remove(entry.thread_id, entry.seq):
+            log.error(
+                "outbox %r no longer holds %s seq %d", self.outbox, entry.thread_id, entry.seq
+            )
+            return
         self._forget(entry)
         self._note(self._entry_record(entry, outcome, reason))
 

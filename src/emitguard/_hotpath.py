@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def make_sender(guard: Guard, thread: Arg, message: Arg) -> WraptWrapper:
     """A wrapt wrapper guarding an async send whose arguments sit at ``thread``/``message``."""
-    threads, send_call, rebind = guard._threads, guard.send_call, message.replace
+    send_call, rebind = guard.send_call, message.replace
     t_index, m_index = thread.reach, message.reach
     width = max(t_index, m_index) if t_index < sys.maxsize > m_index else sys.maxsize
     pair = 2 if (t_index, m_index) == (0, 1) else -1
@@ -42,7 +42,7 @@ def make_sender(guard: Guard, thread: Arg, message: Arg) -> WraptWrapper:
             if thread_id is MISSING or payload is MISSING:
                 return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
         try:
-            slot = threads.get(thread_id)
+            slot = guard._hot.get(thread_id)  # empty while anyone listens or seqs are stamped
         except TypeError:  # unhashable: rejected by send_call
             slot = None
         if (
@@ -51,7 +51,6 @@ def make_sender(guard: Guard, thread: Arg, message: Arg) -> WraptWrapper:
             or slot.busy
             or slot.backlog
             or payload is None
-            or not guard._plain
         ):
             return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
         slot.busy = True

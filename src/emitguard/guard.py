@@ -356,13 +356,15 @@ class Guard(OutboxFlow):
         return _state_of(slot) is CONNECTED
 
     async def _wait_ready(self, slot: ThreadSlot, timeout: float) -> None:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        """Wait for the association (one future, one timer: a wake is a single loop hop)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[bool] = loop.create_future()
         slot.ready.append(future)
+        timer = loop.call_later(timeout, _give_up, future)
         try:
-            await asyncio.wait_for(future, timeout)
-        except (asyncio.TimeoutError, TimeoutError):
-            pass
+            await future
         finally:
+            timer.cancel()
             if future in slot.ready:
                 slot.ready.remove(future)
 
@@ -417,6 +419,11 @@ class Guard(OutboxFlow):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._sweeper = None
+
+
+def _give_up(future: asyncio.Future[bool]) -> None:
+    if not future.done():
+        future.set_result(False)
 
 
 def _state_of(slot: ThreadSlot) -> ConnectionState:

@@ -76,9 +76,13 @@ class Outbox(abc.ABC):
 
     @abc.abstractmethod
     async def evict_oldest(
-        self, thread_id: str | None, protect: Collection[str]
+        self,
+        thread_id: str | None,
+        protect: Collection[str],
+        in_flight: Collection[tuple[str, int]] = (),
     ) -> OutboxEntry | None:
-        """Remove and return the oldest entry whose event type is not protected.
+        """Remove and return the oldest entry whose event type is not protected and which is
+        not being delivered right now (``(thread_id, seq)`` in ``in_flight``).
 
         ``thread_id=None`` looks at every thread (the global bound).
         """
@@ -128,13 +132,16 @@ class MemoryOutbox(Outbox):
         return True
 
     async def evict_oldest(
-        self, thread_id: str | None, protect: Collection[str]
+        self,
+        thread_id: str | None,
+        protect: Collection[str],
+        in_flight: Collection[tuple[str, int]] = (),
     ) -> OutboxEntry | None:
         pools = [thread_id] if thread_id is not None else list(self._threads)
         victim: OutboxEntry | None = None
         for name in pools:
             for entry in self._threads.get(name, ()):
-                if entry.event_type not in protect:
+                if entry.event_type not in protect and (name, entry.seq) not in in_flight:
                     if victim is None or entry.created < victim.created:
                         victim = entry
                     break
