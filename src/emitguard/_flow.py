@@ -167,11 +167,13 @@ class OutboxFlow(GuardCore):
             self._spawn(self._flush_task(slot))
             return
         known = self._loop
-        if known is not None and known.is_running() and not known.is_closed():
+        if known is not None and not known.is_closed():
+            # Running in another OS thread, or paused between run_until_complete() calls:
+            # the flush waits for that loop, where the line's holder and waiters live.
             known.call_soon_threadsafe(self._schedule_flush, slot)
             return
-        # No event loop runs here or anywhere we know of: whoever held the thread's line died
-        # with its loop. Flush to the end right here, in a private loop.
+        # No event loop is left that could run it: whoever held the thread's line died with
+        # its loop. Flush to the end right here, in a private loop.
         if slot.busy:
             log.warning("%s: the line's holder died with its event loop; line reset", slot)
             slot.reset_line()

@@ -195,57 +195,61 @@ class Guard(OutboxFlow):
     async def _emit_in_line(
         self, slot: ThreadSlot, seq: int, message: Any, call: Call, created_at: float
     ) -> bool:
-        """Deliver or buffer one emission; the caller holds the thread's line."""
+        """Deliver or buffer one emission; the caller holds the thread's line.
+
+        Cancelled at any await, the emission is buffered before the cancellation goes on.
+        """
         waited, attempts = 0.0, 0
-        opts = self.options
-        reason = self._unready_reason(slot)
-        if (
-            slot.state is ConnectionState.CONNECTING
-            and opts.on_unready == "wait"
-            and not slot.timed_out
-            and opts.ready_timeout > 0
-        ):
-            started = time.monotonic()
-            try:
-                await self._wait_ready(slot, opts.ready_timeout)
-            except asyncio.CancelledError:
-                waited = time.monotonic() - started
-                entry = self._entry(slot, seq, message, call, True, created_at, 0, waited)
-                await self._buffer(slot, entry, "sender cancelled while waiting for the thread")
-                raise
-            waited = time.monotonic() - started
-            if _state_of(slot) is ConnectionState.CONNECTING:
-                slot.timed_out = True
-                reason = f"thread not associated within ready_timeout={opts.ready_timeout}s"
-            else:
-                reason = self._unready_reason(slot)
-        if slot.state is CONNECTED and slot.backlog:
-            await self._flush_in_line(slot, upto=seq)
+        stage: str | None = "while waiting for the thread"
+        try:
+            opts = self.options
             reason = self._unready_reason(slot)
-        if slot.state is CONNECTED:
-            try:
+            if (
+                slot.state is ConnectionState.CONNECTING
+                and opts.on_unready == "wait"
+                and not slot.timed_out
+                and opts.ready_timeout > 0
+            ):
+                started = time.monotonic()
+                try:
+                    await self._wait_ready(slot, opts.ready_timeout)
+                finally:
+                    waited = time.monotonic() - started
+                if _state_of(slot) is ConnectionState.CONNECTING:
+                    slot.timed_out = True
+                    reason = f"thread not associated within ready_timeout={opts.ready_timeout}s"
+                else:
+                    reason = self._unready_reason(slot)
+            if slot.state is CONNECTED and slot.backlog:
+                stage = "while older events of the thread were flushed"
+                await self._flush_in_line(slot, upto=seq)
+                reason = self._unready_reason(slot)
+            if slot.state is CONNECTED:
+                stage, attempts = "during send", 1
                 verdict, why = await self._attempt(call, message, True)
-            except asyncio.CancelledError:
-                entry = self._entry(slot, seq, message, call, True, created_at, 1, waited)
-                await self._buffer(slot, entry, "cancelled during send")
-                raise
-            attempts, reason = 1, why or ""
-            if verdict is not Verdict.RETRY:
-                outcome = Outcome.DELIVERED if verdict is Verdict.OK else Outcome.FAILED
-                record = self._record(
-                    outcome,
-                    slot.thread_id,
-                    seq,
-                    message,
-                    why,
-                    waited=waited,
-                    attempts=1,
-                    created_at=created_at,
-                )
-                return self._conclude(record)
-            self._set_state(slot, ConnectionState.DISCONNECTED, reason)
-        entry = self._entry(slot, seq, message, call, True, created_at, attempts, waited)
-        return await self._buffer(slot, entry, reason)
+                stage, reason = None, why or ""
+                if verdict is not Verdict.RETRY:
+                    outcome = Outcome.DELIVERED if verdict is Verdict.OK else Outcome.FAILED
+                    record = self._record(
+                        outcome,
+                        slot.thread_id,
+                        seq,
+                        message,
+                        why,
+                        waited=waited,
+                        attempts=1,
+                        created_at=created_at,
+                    )
+                    return self._conclude(record)
+                self._set_state(slot, ConnectionState.DISCONNECTED, reason)
+            stage = None
+            entry = self._entry(slot, seq, message, call, True, created_at, attempts, waited)
+            return await self._buffer(slot, entry, reason)
+        except asyncio.CancelledError:
+            if stage is not None:
+                entry = self._entry(slot, seq, message, call, True, created_at, attempts, waited)
+                await self._buffer(slot, entry, f"sender cancelled {stage}")
+            raise
 
     async def _failed_fast(
         self, slot: ThreadSlot, seq: int, message: Any, call: Call, verdict: Verdict, why: str
