@@ -135,24 +135,32 @@ class OutboxFlow(GuardCore):
 
     # ------------------------------------------------------------- the line
 
-    def _leave(self, slot: ThreadSlot) -> None:
-        """Give up the thread's line; flush what was buffered meanwhile."""
-        if slot.hand_on():
+    def _leave(self, slot: ThreadSlot, closing: bool = False) -> None:
+        """Give up the thread's line; flush what was buffered meanwhile.
+
+        ``closing``: the holder's coroutine is being garbage-collected (its loop is gone);
+        free the line but start nothing from there.
+        """
+        if slot.hand_on() or closing:
             return
         if slot.backlog and slot.state is CONNECTED:
             self._schedule_flush(slot)
 
     async def _flush_task(self, slot: ThreadSlot) -> None:
         ticket = slot.take()
+        closing = False
         try:
             if ticket is not None:
                 await ticket
             slot.flush_pending = False
             if slot.state is CONNECTED:
                 await self._flush_in_line(slot)
+        except GeneratorExit:
+            closing = True
+            raise
         finally:
             slot.flush_pending = False
-            self._leave(slot)
+            self._leave(slot, closing)
 
     def _schedule_flush(self, slot: ThreadSlot) -> None:
         """Start a flush of the thread on an event loop, wherever this was called from."""
@@ -178,8 +186,11 @@ class OutboxFlow(GuardCore):
             log.warning("%s: the line's holder died with its event loop; line reset", slot)
             slot.reset_line()
         slot.flush_pending = True
+        limit = max(self.options.ready_timeout, 1.0)  # a sync caller is blocked meanwhile
         try:
-            asyncio.run(self._flush_task(slot))
+            asyncio.run(asyncio.wait_for(self._flush_task(slot), limit))
+        except (asyncio.TimeoutError, TimeoutError):
+            log.warning("%s: flush gave up after %ss; the rest stays buffered", slot, limit)
         except Exception:
             log.exception("emitguard could not flush %s", slot)
 

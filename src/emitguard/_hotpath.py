@@ -59,7 +59,7 @@ def make_sender(guard: Guard, thread: Arg, message: Arg) -> WraptWrapper:
             result = await (wrapped(*args, **kwargs) if kwargs else wrapped(*args))
         except asyncio.CancelledError:
             call = Call(wrapped, args, kwargs, rebind)
-            await guard._failed_fast(slot, seq, payload, call, Verdict.RETRY, "cancelled")
+            await guard._failed_fast(slot, seq, payload, call, Verdict.RETRY, "cancelled", True)
             raise
         except Exception as exc:
             verdict, why = judge_error(exc, guard._poison)

@@ -8,6 +8,7 @@ connection (:meth:`Guard.mark_connected`, ...). See ``docs/concepts.md``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
@@ -164,10 +165,14 @@ class Guard(OutboxFlow):
             except asyncio.CancelledError:
                 await self._cancelled_in_line(slot, ticket, seq, message, call, created_at)
                 raise
+        closing = False
         try:
             return await self._emit_in_line(slot, seq, message, call, created_at)
+        except GeneratorExit:
+            closing = True
+            raise
         finally:
-            self._leave(slot)
+            self._leave(slot, closing)
 
     async def _cancelled_in_line(
         self,
@@ -185,12 +190,15 @@ class Guard(OutboxFlow):
             ticket.cancel()
         try:
             entry = self._entry(slot, seq, message, call, True, created_at, 0)
-            await self._buffer(slot, entry, "sender cancelled while waiting for its turn")
-        except EmissionError:
-            pass  # strict mode: recorded; the caller is being cancelled anyway
+            await self._keep(slot, entry, "sender cancelled while waiting for its turn")
         finally:
             if owned:
                 self._leave(slot)
+
+    async def _keep(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> None:
+        """Buffer the event of a sender being cancelled; the cancellation wins over strict."""
+        with contextlib.suppress(EmissionError):  # recorded; no caller is left to raise to
+            await self._buffer(slot, entry, reason)
 
     async def _emit_in_line(
         self, slot: ThreadSlot, seq: int, message: Any, call: Call, created_at: float
@@ -248,11 +256,18 @@ class Guard(OutboxFlow):
         except asyncio.CancelledError:
             if stage is not None:
                 entry = self._entry(slot, seq, message, call, True, created_at, attempts, waited)
-                await self._buffer(slot, entry, f"sender cancelled {stage}")
+                await self._keep(slot, entry, f"sender cancelled {stage}")
             raise
 
     async def _failed_fast(
-        self, slot: ThreadSlot, seq: int, message: Any, call: Call, verdict: Verdict, why: str
+        self,
+        slot: ThreadSlot,
+        seq: int,
+        message: Any,
+        call: Call,
+        verdict: Verdict,
+        why: str,
+        cancelled: bool = False,
     ) -> bool:
         """A hot-path delivery failed: FAILED for poison, else disconnect and buffer; leave."""
         self._seq_elsewhere += 1
@@ -261,6 +276,9 @@ class Guard(OutboxFlow):
             if verdict is Verdict.POISON:
                 return self._conclude(self._entry_record(entry, Outcome.FAILED, why))
             self._set_state(slot, ConnectionState.DISCONNECTED, why)
+            if cancelled:
+                await self._keep(slot, entry, "sender cancelled during send")
+                return False
             return await self._buffer(slot, entry, why)
         except EmissionError:
             raise

@@ -1,0 +1,281 @@
+"""Engine edge paths: poison in the outbox, a backend that loses or drops entries, dead loops,
+cancellation in strict mode, internal faults on every send path."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+import emitguard
+from conftest import Records, Sink, settle
+from emitguard import ConnectionState, Guard, MemoryOutbox, OutboxEntry, Outcome
+
+
+async def test_poison_in_the_outbox_fails_and_the_flush_goes_on(
+    sink: Sink, records: Records
+) -> None:
+    guard = Guard(on_unready="buffer")
+    records.guard = guard
+
+    async def picky(message: Any) -> bool:
+        if message == "bad":
+            raise TypeError("Object of type set is not JSON serializable")
+        return sink.deliver_now("t", message)
+
+    for message in ("a", "bad", "c"):
+        await guard.send("t", message, picky)
+    guard.mark_connected("t")
+    assert await guard.drain(1.0) == 0
+    assert sink.received["t"] == ["a", "c"]
+    [failed] = records.of(Outcome.FAILED)
+    assert failed.seq == 2
+    assert "TypeError" in (failed.reason or "")
+    assert "not retried" in (failed.reason or "")
+    assert guard.state("t") is ConnectionState.CONNECTED
+
+
+async def test_poison_on_the_hot_path_does_not_disconnect(sink: Sink, records: Records) -> None:
+    guard = Guard()
+    records.guard = guard
+    guard.mark_connected("t")
+
+    async def picky(message: Any) -> bool:
+        raise ValueError("bad payload")
+
+    assert await guard.send("t", "x", picky) is False
+    assert records.outcomes() == [Outcome.FAILED]
+    assert guard.state("t") is ConnectionState.CONNECTED
+
+
+def test_poison_on_a_sync_send(sink: Sink) -> None:
+    guard = Guard()
+    guard.mark_connected("t")
+
+    def picky(message: Any) -> bool:
+        raise TypeError("nope")
+
+    assert guard.send_sync("t", "x", picky) is False
+    assert guard.stats().outcomes[Outcome.FAILED] == 1
+    assert guard.state("t") is ConnectionState.CONNECTED
+
+
+class LosingOutbox(MemoryOutbox):
+    """A broken backend: forgets what it was given."""
+
+    async def head(self, thread_id: str) -> OutboxEntry | None:
+        return None
+
+
+async def test_a_backend_that_loses_entries_is_reported(
+    sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = Guard(outbox=LosingOutbox(), on_unready="buffer")
+    await guard.send("t", "a", sink.for_thread("t"))
+    guard.mark_connected("t")
+    assert await guard.drain(0.5) == 0
+    assert "lost 1 event(s) of thread t" in caplog.text
+
+
+async def test_entry_without_a_send_fails(records: Records) -> None:
+    guard = Guard(on_unready="buffer")
+    records.guard = guard
+    await guard.send("t", "a", Sink().for_thread("t"))
+    for entry in await guard.pending("t"):
+        entry.deliver = None
+    guard.mark_connected("t")
+    await guard.drain(0.5)
+    assert records.of(Outcome.FAILED)[0].reason == "no send to deliver it with"
+
+
+class ForgetfulRemove(MemoryOutbox):
+    async def remove(self, thread_id: str, seq: int) -> bool:
+        await super().remove(thread_id, seq)
+        return False
+
+
+async def test_settling_an_entry_the_backend_no_longer_holds_is_logged(
+    sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = Guard(outbox=ForgetfulRemove(), on_unready="buffer")
+    await guard.send("t", "a", sink.for_thread("t"))
+    guard.mark_connected("t")
+    await guard.drain(0.2)
+    assert "no longer holds t seq 1" in caplog.text
+
+
+async def test_pending_lists_every_thread_oldest_first(sink: Sink) -> None:
+    guard = Guard(on_unready="buffer")
+    for thread in ("b", "a", "b"):
+        await guard.send(thread, thread, sink.for_thread(thread))
+    assert [(e.thread_id, e.seq) for e in await guard.pending()] == [("a", 1), ("b", 1), ("b", 2)]
+    assert repr(guard).endswith("threads=2 pending=3>")
+
+
+async def test_cancelled_in_line_in_strict_mode_is_still_recorded(sink: Sink) -> None:
+    guard = Guard(strict=True, ready_timeout=5.0, max_per_thread=1, overflow="reject")
+    first = asyncio.create_task(guard.send("t", "a", sink.for_thread("t")))
+    await settle()
+    second = asyncio.create_task(guard.send("t", "b", sink.for_thread("t")))
+    third = asyncio.create_task(guard.send("t", "c", sink.for_thread("t")))
+    await settle()
+    first.cancel()  # buffered: the outbox is now full
+    await settle()
+    third.cancel()  # waiting in line; the full outbox rejects it, strict mode has no caller
+    for task in (first, third):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    stats = guard.stats()
+    assert stats.outcomes[Outcome.BUFFERED] == 1
+    assert stats.outcomes[Outcome.REJECTED] == 1
+    second.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second
+
+
+async def test_owned_ticket_cancelled_before_it_runs_releases_the_line(sink: Sink) -> None:
+    guard = Guard()
+    guard.mark_connected("t")
+    gate = asyncio.Event()
+
+    async def slow(message: Any) -> bool:
+        await gate.wait()
+        return sink.deliver_now("t", message)
+
+    first = asyncio.create_task(guard.send("t", "a", slow))
+    await settle()
+    second = asyncio.create_task(guard.send("t", "b", sink.for_thread("t")))
+    await settle()
+    gate.set()
+    await asyncio.sleep(0)  # first finishes and hands the line to second's ticket ...
+    second.cancel()  # ... which is cancelled before it could run
+    assert await first
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    assert await guard.drain(1.0) == 0
+    assert sink.received["t"] == ["a", "b"]
+    assert await guard.send("t", "c", sink.for_thread("t"))  # the line is free again
+    assert sink.received["t"] == ["a", "b", "c"]
+
+
+async def test_cancelled_during_send_keeps_the_event(sink: Sink, records: Records) -> None:
+    guard = Guard(stamp_seq="seq")  # not the hot path
+    records.guard = guard
+    guard.mark_connected("t")
+    started = asyncio.Event()
+
+    async def hangs(message: Any) -> bool:
+        started.set()
+        await asyncio.Event().wait()
+        return True
+
+    task = asyncio.create_task(guard.send("t", {"type": "a"}, hangs))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert records.items[-1].outcome is Outcome.BUFFERED
+    assert records.items[-1].reason == "sender cancelled during send"
+    assert records.items[-1].attempts == 1
+
+
+async def test_cancelled_on_the_hot_path_keeps_the_event(sink: Sink) -> None:
+    guard = Guard()
+    guard.mark_connected("t")
+    send = guard.sender(emitguard.calls.Arg(0, None), emitguard.calls.Arg(1, None))
+    started = asyncio.Event()
+
+    async def hangs(thread_id: str, message: Any) -> bool:
+        started.set()
+        await asyncio.Event().wait()
+        return True
+
+    task = asyncio.create_task(send(hangs, None, ("t", "a"), {}))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert guard.stats().pending == {"t": 1}
+    assert guard.state("t") is ConnectionState.DISCONNECTED
+
+
+def test_private_flush_resets_a_line_whose_holder_died(
+    sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    guard = Guard(ready_timeout=5.0)
+
+    async def abandon() -> None:
+        asyncio.get_running_loop().create_task(guard.send("t", "a", sink.for_thread("t")))
+        await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(abandon())  # the sender holds the line, waiting on the barrier
+    loop.close()  # ... and dies with its loop without being cancelled
+    guard.send_sync("t", "b", lambda m: sink.deliver_now("t", m))
+    with caplog.at_level(logging.WARNING, logger="emitguard"):
+        guard.mark_connected("t")
+    assert "line reset" in caplog.text
+    assert sink.received["t"] == ["b"]
+
+
+def test_private_flush_failure_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    guard = Guard()
+    guard.send_sync("t", "a", lambda m: True)
+
+    def explode(*args: Any) -> None:
+        raise RuntimeError("boom")
+
+    guard._flush_in_line = explode  # type: ignore[method-assign,assignment]
+    guard.mark_connected("t")
+    assert "could not flush thread t" in caplog.text
+
+
+def test_internal_fault_on_a_sync_send(monkeypatch: pytest.MonkeyPatch) -> None:
+    guard = Guard()
+    monkeypatch.setattr(guard, "_slot", lambda *a: 1 / 0)
+    assert guard.send_sync("t", "a", lambda m: True) is False
+    assert guard.stats().outcomes[Outcome.FAILED] == 1
+
+
+async def test_internal_fault_after_a_hot_path_failure(
+    sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    guard = Guard()
+    guard.mark_connected("t")
+    sink.down.add("t")
+    send = guard.sender(emitguard.calls.Arg(0, None), emitguard.calls.Arg(1, None))
+    monkeypatch.setattr(guard, "_buffer", lambda *a: 1 / 0)
+
+    async def original(thread_id: str, message: Any) -> bool:
+        return sink.deliver_now(thread_id, message)
+
+    assert await send(original, None, ("t", "a"), {}) is False
+    assert guard.stats().outcomes[Outcome.FAILED] == 1
+    assert not guard._threads["t"].busy
+
+
+async def test_lifecycle_calls_from_another_os_thread_run_on_the_loop() -> None:
+    guard = Guard()
+    guard.mark_connected("t", owner="u")
+    assert await guard.wait_ready("t")  # remembers the running loop
+    await asyncio.to_thread(guard.mark_error, "t", "boom")
+    await settle()
+    assert guard.state("t") is ConnectionState.ERROR
+    await asyncio.to_thread(guard.mark_disconnected, "t")
+    await settle()
+    assert guard.state("t") is ConnectionState.DISCONNECTED
+    guard.mark_connected("t", owner="u")
+    assert await asyncio.to_thread(guard.disconnect_owner, "u") == []  # handed to the loop
+    await settle()
+    assert guard.state("t") is ConnectionState.DISCONNECTED
+
+
+def test_lifecycle_calls_reject_bad_thread_ids() -> None:
+    guard = Guard()
+    for call in (guard.mark_connected, guard.mark_disconnected):
+        with pytest.raises(ValueError, match="thread_id must be a non-empty str"):
+            call("")
+    with pytest.raises(ValueError, match="got None"):
+        guard.mark_error(None, "x")  # type: ignore[arg-type]
