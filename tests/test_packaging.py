@@ -78,7 +78,7 @@ def test_wheel_builds_and_installs_in_fresh_venv(tmp_path: Path) -> None:
     entry_points_txt = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     with zipfile.ZipFile(wheel) as zf:
         entry_points = zf.read(entry_points_txt).decode()
-    assert "pytest11" not in entry_points
+    assert "[pytest11]\nemitguard = pytest_emitguard.plugin" in entry_points
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", str(venv)], timeout=120)
