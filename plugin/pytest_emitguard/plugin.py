@@ -41,6 +41,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)
+    import importlib
+
+    for name in PARTS:
+        try:
+            part = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        config.pluginmanager.register(part, name)
+
+
+PARTS = ("pytest_emitguard._faults", "pytest_emitguard._watch")
+"""Plugin modules with more fixtures and hooks, registered with pytest when present."""
 
 
 class MarkerOptions:
