@@ -37,24 +37,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="check every test's emissions at teardown (like --emitguard-strict)",
     )
+    from pytest_emitguard._watch import add_options
+
+    add_options(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)
-    import importlib
+    from pytest_emitguard import _faults, _watch
 
-    for name in PARTS:
-        try:
-            part = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        config.pluginmanager.register(part, name)
-
-
-PARTS = ("pytest_emitguard._faults", "pytest_emitguard._watch")
-"""Plugin modules with more fixtures and hooks, registered with pytest when present."""
+    for part in (_faults, _watch):
+        config.pluginmanager.register(part, part.__name__)
 
 
 class MarkerOptions:
