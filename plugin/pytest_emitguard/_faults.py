@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import wrapt
 
 __all__ = [
     "DelayedAssociation",
@@ -397,12 +398,18 @@ def _shaped(
     return functools.wraps(original)(faulty)
 
 
+def _is_guarded(raw: Any) -> bool:
+    """A manager method wrapped by emitguard. Duck-typed on purpose: an in-process pytester
+    run can re-import the adapter module, leaving two GuardedMethod classes around."""
+    return (
+        isinstance(raw, wrapt.FunctionWrapper) and getattr(raw, "_self_adapter", None) is not None
+    )
+
+
 def _guarded_method(target: Any, name: str) -> Any:
     """The instance's own GuardedMethod proxy for ``name``, or None when unguarded."""
-    from emitguard_adapters.manager import GuardedMethod
-
     raw = inspect.getattr_static(target, name, None)
-    if not isinstance(raw, GuardedMethod):
+    if not _is_guarded(raw):
         return None
     if isinstance(target, type) or name not in _own(target):
         raise TypeError(
@@ -414,10 +421,8 @@ def _guarded_method(target: Any, name: str) -> Any:
 
 def _shape_of(target: Any, name: str) -> Any:
     """The callable whose sync/async shape the code under test sees (under any guard)."""
-    from emitguard_adapters.manager import GuardedMethod
-
     raw = inspect.getattr_static(target, name, None)
-    return raw.__wrapped__ if isinstance(raw, GuardedMethod) else getattr(target, name)
+    return raw.__wrapped__ if _is_guarded(raw) else getattr(target, name)
 
 
 def _underneath(target: Any, name: str) -> Callable[..., Any]:

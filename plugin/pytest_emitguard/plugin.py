@@ -44,7 +44,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER)
+    import emitguard.hooks
     from pytest_emitguard import _faults, _watch
+
+    # Import the engine and its adapters now, once: an in-process pytester run restores
+    # sys.modules afterwards and would otherwise leave two copies of them in play.
+    emitguard.hooks.load_entry_points()
 
     for part in (_faults, _watch):
         config.pluginmanager.register(part, part.__name__)
@@ -137,12 +142,12 @@ def emissions(request: pytest.FixtureRequest) -> Iterator[EmissionLedger]:
         emitguard.unregister(ledger)
     bad = ledger.problems(options.allow)
     if bad:
-        kinds = ", ".join(sorted({f"'{r.outcome.value}'" for r in bad}))
+        kinds = tuple(sorted({r.outcome.value for r in bad}))
         pytest.fail(
             summary(
                 bad, "did not reach their thread" if len(bad) > 1 else "did not reach its thread"
             )
-            + f"\n\nIf this is expected, allow it: @pytest.mark.emitguard(allow=({kinds},))",
+            + f"\n\nIf this is expected, allow it: @pytest.mark.emitguard(allow={kinds!r})",
             pytrace=False,
         )
 

@@ -78,7 +78,7 @@ async def test_lossy(reference_manager, emitguard_guard, emissions):
             "- thread t-1 seq 4 tool_completed: BUFFERED (thread not associated yet*",
             "- thread t-1 seq 5 agent_completed: BUFFERED (*",
             "",
-            "If this is expected, allow it: @pytest.mark.emitguard(allow=('buffered', 'dropped',))",
+            "If this is expected, allow it: @pytest.mark.emitguard(allow=('buffered', 'dropped'))",
         ]
     )
 
