@@ -1,7 +1,6 @@
 """Session-wide watches: fail tests on lost-event log lines, and write an emission report.
 
-Registered with pytest by :mod:`pytest_emitguard.plugin` (``PARTS``); its options come from
-:func:`add_options`, which the entry module's ``pytest_addoption`` calls.
+Registered with pytest by :mod:`pytest_emitguard.plugin`, which also declares its options.
 
 * Log watch (ini ``emitguard_fail_on_log``): a test fails when, between the start of its setup
   and the end of its teardown, the root logger sees a WARNING-or-worse record whose message
@@ -31,35 +30,13 @@ import emitguard
 if TYPE_CHECKING:
     from emitguard import Emission
 
-__all__ = ["DEFAULT_FAIL_ON_LOG", "EmissionReport", "add_options"]
-
-DEFAULT_FAIL_ON_LOG = ["Cannot deliver message for thread", "EMISSION FAILED"]
-"""Default ``emitguard_fail_on_log`` patterns: the legacy manager's lost-event warnings."""
+__all__ = ["EmissionReport"]
 
 BAD = ("DROPPED", "EXPIRED", "FAILED", "REJECTED")
 """Outcomes that put a test in the summary's list of tests with bad outcomes."""
 
 NO_TEST = "(outside tests)"
 """Report key for records made while no test was running (e.g. at collection)."""
-
-
-def add_options(parser: pytest.Parser) -> None:
-    """Register this module's options; call it from the entry module's ``pytest_addoption``."""
-    group = parser.getgroup("emitguard", "emitguard: fail tests that lose WebSocket events")
-    group.addoption(
-        "--emitguard-report",
-        dest="emitguard_report",
-        metavar="PATH",
-        default=None,
-        help="write every emission record of the session, per test, as JSON to PATH",
-    )
-    parser.addini(
-        "emitguard_fail_on_log",
-        type="linelist",
-        default=list(DEFAULT_FAIL_ON_LOG),
-        help="regular expressions; a WARNING-or-worse log record matching one fails the test "
-        "(empty: off)",
-    )
 
 
 # --------------------------------------------------------------------------- log watch
@@ -107,10 +84,7 @@ def _patterns(config: pytest.Config) -> list[re.Pattern[str]]:
     """The compiled ``emitguard_fail_on_log`` patterns (empty when the watch is off)."""
     if _PATTERNS in config.stash:
         return config.stash[_PATTERNS]
-    try:
-        lines = config.getini("emitguard_fail_on_log")
-    except ValueError:  # the option is not registered (add_options not called)
-        lines = []
+    lines = config.getini("emitguard_fail_on_log")
     compiled = []
     for line in lines:
         try:
@@ -179,7 +153,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
 
 def pytest_configure(config: pytest.Config) -> None:
     _patterns(config)  # a bad pattern is a usage error before any test runs
-    path = config.getoption("emitguard_report", default=None)
+    path = config.getoption("emitguard_report")
     if not path:
         return
     report = EmissionReport(config, Path(config.invocation_params.dir, path))

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from emitguard.testing import ReferenceManager
     from pytest_emitguard._ledger import EmissionLedger
 
+DEFAULT_FAIL_ON_LOG = ("Cannot deliver message for thread", "EMISSION FAILED")
+"""Default ``emitguard_fail_on_log`` patterns: the legacy manager's lost-event warnings."""
+
 MARKER = (
     "emitguard(*, allow=(), drain_timeout=2.0, strict=None): check the emissions of this test "
     "at teardown; allow: outcomes that may end an emission (e.g. 'dropped'); drain_timeout: "
@@ -37,9 +40,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=False,
         help="check every test's emissions at teardown (like --emitguard-strict)",
     )
-    from pytest_emitguard._watch import add_options
-
-    add_options(parser)
+    group.addoption(
+        "--emitguard-report",
+        dest="emitguard_report",
+        metavar="PATH",
+        default=None,
+        help="write every emission record of the session, per test, as JSON to PATH",
+    )
+    parser.addini(
+        "emitguard_fail_on_log",
+        type="linelist",
+        default=list(DEFAULT_FAIL_ON_LOG),
+        help="regular expressions; a WARNING-or-worse log record matching one fails the test "
+        "(empty: off)",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -49,28 +49,7 @@ async def test_dropped():
 """
 
 
-def wire_options(pytester: pytest.Pytester) -> None:
-    """Register the _watch options in the pytester session.
-
-    Needed only until plugin.py's ``pytest_addoption`` calls ``_watch.add_options``; after
-    that, delete this helper's body (it then does nothing: the options exist already).
-    """
-    pytester.makeconftest(
-        """
-from pytest_emitguard._watch import add_options
-
-
-def pytest_addoption(parser):
-    try:
-        add_options(parser)
-    except ValueError:  # already registered by the plugin
-        pass
-"""
-    )
-
-
 def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
-    wire_options(pytester)
     pytester.makepyfile(test_suite=source)
     return pytester.runpytest(*ASYNCIO, "-o", "asyncio_mode=auto", *args)
 
@@ -282,7 +261,6 @@ HAS_XDIST = importlib.util.find_spec("xdist") is not None
 )
 def test_xdist_workers_report_each_record_once(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nemitguard_fail_on_log =\n")
-    wire_options(pytester)
     pytester.makepyfile(test_suite=SUITE)
     result = pytester.runpytest_subprocess(
         *ASYNCIO, "-o", "asyncio_mode=auto", "-n", "2", "--emitguard-report=out/report.json"
