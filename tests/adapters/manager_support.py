@@ -14,7 +14,6 @@ import textwrap
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -57,20 +56,10 @@ def recorded() -> Iterator[Recorder]:
 
 
 @pytest.fixture
-def guard_target() -> Iterator[GuardTarget]:
-    """``emitguard.guard`` that unguards every target it guarded when the test ends."""
-    targets: list[object] = []
-
-    def apply(target: object, **options: Any) -> Guard:
-        guard = emitguard.guard(target, **options)
-        targets.append(target)
-        return guard
-
-    try:
-        yield apply
-    finally:
-        for target in reversed(targets):
-            emitguard.unguard(target)
+def guard_target(emitguard_guard: GuardTarget) -> GuardTarget:
+    """``emitguard.guard`` that unguards every target it guarded when the test ends (the
+    pytest plugin's ``emitguard_guard``, under the name these tests use)."""
+    return emitguard_guard
 
 
 @pytest.fixture
