@@ -30,19 +30,16 @@ import dataclasses
 import logging
 import math
 import random
-import selectors
-import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import Any, Literal
 
 import emitguard
+from emitguard._demo_output import ProgressBar, render_table, table_rows, verdict
+from emitguard._virtual_loop import VirtualClockLoop, close_loop, resync
 from emitguard.records import Emission
 from emitguard.states import Outcome
 from emitguard.testing import FakeSocket, ReferenceManager
-
-if TYPE_CHECKING:
-    from _typeshed import FileDescriptorLike
 
 __all__ = [
     "EVENTS",
@@ -372,7 +369,7 @@ async def run_unguarded(
 ) -> ScenarioResult:
     """Play the runs on a bare legacy manager."""
     manager, counter = _legacy_manager(show_legacy_logs)
-    _resync()
+    resync()
     started = time.perf_counter()
     try:
         await _play_all(manager, plans, "unguarded", progress)
@@ -414,7 +411,7 @@ async def _play_guarded(
     listener = _BarrierWaits(guard)
     emitguard.register(listener)
     try:
-        _resync()
+        resync()
         started = time.perf_counter()
         await _play_all(manager, plans, "guarded", progress)
         still_buffered = await guard.drain(config.drain_timeout)
@@ -462,7 +459,7 @@ def run_demo(
             run_scenarios(config, progress=progress, show_legacy_logs=show_legacy_logs)
         )
     finally:
-        _close_loop(loop)
+        close_loop(loop)
 
 
 def _legacy_manager(show_logs: bool) -> tuple[ReferenceManager, _LegacyWarnings]:
@@ -498,195 +495,3 @@ def _result(
         legacy_warnings=warnings,
         wall_time=wall,
     )
-
-
-# --------------------------------------------------------------------------- the event loop
-
-
-class _Clock:
-    __slots__ = ("now",)
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-
-class _SteppingSelector(selectors.BaseSelector):
-    """Real I/O through a real selector; a wait for the next timer moves the clock instead."""
-
-    def __init__(self, clock: _Clock, pace: bool) -> None:
-        self._clock = clock
-        self._pace = pace
-        self.origin: float | None = None
-        """Real time (``time.monotonic()``) matching virtual time 0; ``None``: set at the next
-        select."""
-        self._real = selectors.DefaultSelector()
-
-    def register(
-        self, fileobj: FileDescriptorLike, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._real.register(fileobj, events, data)
-
-    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
-        return self._real.unregister(fileobj)
-
-    def modify(
-        self, fileobj: FileDescriptorLike, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._real.modify(fileobj, events, data)
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if self.origin is None:
-            self.origin = time.monotonic() - self._clock.now
-        if timeout is None:
-            return self._real.select(None)
-        ready = self._real.select(0)
-        if ready or timeout <= 0:
-            return ready
-        self._clock.now += timeout
-        if self._pace:
-            self._keep_pace(self.origin)
-        return []
-
-    def _keep_pace(self, origin: float) -> None:
-        """Sleep until the real clock reaches the virtual one, like a real loop waiting for
-        its next timer; when the loop is behind (busy running callbacks), do not sleep."""
-        ahead = origin + self._clock.now - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
-
-    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
-        return self._real.get_map()
-
-    def close(self) -> None:
-        self._real.close()
-
-
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose ``time()`` only moves when nothing is runnable.
-
-    Timers therefore fire in the order of their due times, each after everything scheduled
-    before it has settled, whatever the real speed of the machine. With ``pace=True`` the loop
-    also sleeps until the real clock reaches each timer, so real-clock measurements (such as
-    ``Emission.waited``) come out as on a real loop.
-    """
-
-    def __init__(self, *, pace: bool = True) -> None:
-        self._clock = _Clock()
-        self._stepper = _SteppingSelector(self._clock, pace)
-        super().__init__(self._stepper)
-
-    def time(self) -> float:
-        return self._clock.now
-
-    def resync(self) -> None:
-        """Forget how far the real clock fell behind; pace from now on."""
-        self._stepper.origin = None
-
-
-def _resync() -> None:
-    """Start a scenario's pacing afresh when running on a :class:`VirtualClockLoop`."""
-    loop = asyncio.get_running_loop()
-    if isinstance(loop, VirtualClockLoop):
-        loop.resync()
-
-
-def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        leftovers = asyncio.all_tasks(loop)
-        for task in leftovers:
-            task.cancel()
-        if leftovers:
-            loop.run_until_complete(asyncio.gather(*leftovers, return_exceptions=True))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-    finally:
-        loop.close()
-
-
-# --------------------------------------------------------------------------- output
-
-
-def _count(value: int | None) -> str:
-    return "n/a" if value is None else str(value)
-
-
-def _millis(value: float | None) -> str:
-    return "-" if value is None else f"{value * 1000:.1f}"
-
-
-def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
-    """The rows of the comparison table: ``(metric, unguarded, guarded)``."""
-    bare, safe = report.unguarded, report.guarded
-    rows: list[tuple[str, str, str]] = [
-        ("runs (one thread each)", str(bare.runs), str(safe.runs)),
-        ("runs with a dropped connection", str(bare.drops), str(safe.drops)),
-        ("events emitted", str(bare.emitted), str(safe.emitted)),
-        ("events delivered (unique)", str(bare.delivered), str(safe.delivered)),
-        ("events lost", str(bare.lost), str(safe.lost)),
-        ("events out of order", str(bare.out_of_order), str(safe.out_of_order)),
-        ("duplicate copies (deduped by seq)", str(bare.duplicates), str(safe.duplicates)),
-        ("legacy 'Cannot deliver' warnings", str(bare.legacy_warnings), str(safe.legacy_warnings)),
-        ("still buffered after drain", "n/a", _count(safe.still_buffered)),
-    ]
-    outcomes = safe.outcomes or {}
-    rows += [
-        (f"guard outcome {outcome.value}", "n/a", str(outcomes.get(outcome.value, 0)))
-        for outcome in Outcome
-    ]
-    rows += [
-        ("sends held at the barrier", "n/a", _count(safe.held)),
-        ("barrier wait p50 (ms)", "n/a", _millis(safe.barrier_wait_p50)),
-        ("barrier wait p99 (ms)", "n/a", _millis(safe.barrier_wait_p99)),
-        ("wall time (s)", f"{bare.wall_time:.2f}", f"{safe.wall_time:.2f}"),
-    ]
-    return rows
-
-
-def render_table(report: DemoReport) -> str:
-    """The side-by-side table as plain text."""
-    header = ("metric", "unguarded", "guarded")
-    rows = table_rows(report)
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(3)]
-
-    def line(row: tuple[str, str, str]) -> str:
-        return f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}".rstrip()
-
-    rule = ("-" * widths[0], "-" * widths[1], "-" * widths[2])
-    return "\n".join([line(header), line(rule), *(line(row) for row in rows)])
-
-
-def verdict(report: DemoReport) -> str:
-    """One line: what the guard changed, or what it failed to do."""
-    bare, safe = report.unguarded, report.guarded
-    share = bare.lost / bare.emitted if bare.emitted else 0.0
-    if safe.ok:
-        return (
-            f"PASS: unguarded lost {bare.lost}/{bare.emitted} events ({share:.0%}); "
-            f"guarded delivered all {safe.delivered} in order, 0 lost."
-        )
-    return (
-        f"FAIL: guarded lost {safe.lost}/{safe.emitted} events, {safe.out_of_order} out of "
-        f"order, {_count(safe.still_buffered)} still buffered "
-        f"(unguarded lost {bare.lost})."
-    )
-
-
-class ProgressBar:
-    """A one-line text progress bar (``\\r``-redrawn); silent when disabled."""
-
-    def __init__(self, stream: TextIO | None = None, *, width: int = 20, enabled: bool = True):
-        self.stream = stream if stream is not None else sys.stderr
-        self.width = width
-        self.enabled = enabled
-        self._last: tuple[str, int] | None = None
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if not self.enabled or (phase, done) == self._last:
-            return
-        self._last = (phase, done)
-        filled = self.width * done // total if total else self.width
-        bar = "#" * filled + "-" * (self.width - filled)
-        digits = len(str(total))
-        self.stream.write(f"\r{phase:<9} [{bar}] {done:>{digits}}/{total}")
-        if done >= total:
-            self.stream.write("\n")
-        self.stream.flush()

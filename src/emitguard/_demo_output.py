@@ -1,0 +1,100 @@
+"""The demo's output: the side-by-side table, the verdict line and the progress bar."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+from emitguard.states import Outcome
+
+if TYPE_CHECKING:
+    from emitguard.demo import DemoReport
+
+__all__ = ["ProgressBar", "render_table", "table_rows", "verdict"]
+
+
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _millis(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f}"
+
+
+def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
+    """The rows of the comparison table: ``(metric, unguarded, guarded)``."""
+    bare, safe = report.unguarded, report.guarded
+    rows: list[tuple[str, str, str]] = [
+        ("runs (one thread each)", str(bare.runs), str(safe.runs)),
+        ("runs with a dropped connection", str(bare.drops), str(safe.drops)),
+        ("events emitted", str(bare.emitted), str(safe.emitted)),
+        ("events delivered (unique)", str(bare.delivered), str(safe.delivered)),
+        ("events lost", str(bare.lost), str(safe.lost)),
+        ("events out of order", str(bare.out_of_order), str(safe.out_of_order)),
+        ("duplicate copies (deduped by seq)", str(bare.duplicates), str(safe.duplicates)),
+        ("legacy 'Cannot deliver' warnings", str(bare.legacy_warnings), str(safe.legacy_warnings)),
+        ("still buffered after drain", "n/a", _count(safe.still_buffered)),
+    ]
+    outcomes = safe.outcomes or {}
+    rows += [
+        (f"guard outcome {outcome.value}", "n/a", str(outcomes.get(outcome.value, 0)))
+        for outcome in Outcome
+    ]
+    rows += [
+        ("sends held at the barrier", "n/a", _count(safe.held)),
+        ("barrier wait p50 (ms)", "n/a", _millis(safe.barrier_wait_p50)),
+        ("barrier wait p99 (ms)", "n/a", _millis(safe.barrier_wait_p99)),
+        ("wall time (s)", f"{bare.wall_time:.2f}", f"{safe.wall_time:.2f}"),
+    ]
+    return rows
+
+
+def render_table(report: DemoReport) -> str:
+    """The side-by-side table as plain text."""
+    header = ("metric", "unguarded", "guarded")
+    rows = table_rows(report)
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(3)]
+
+    def line(row: tuple[str, str, str]) -> str:
+        return f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}".rstrip()
+
+    rule = ("-" * widths[0], "-" * widths[1], "-" * widths[2])
+    return "\n".join([line(header), line(rule), *(line(row) for row in rows)])
+
+
+def verdict(report: DemoReport) -> str:
+    """One line: what the guard changed, or what it failed to do."""
+    bare, safe = report.unguarded, report.guarded
+    share = bare.lost / bare.emitted if bare.emitted else 0.0
+    if safe.ok:
+        return (
+            f"PASS: unguarded lost {bare.lost}/{bare.emitted} events ({share:.0%}); "
+            f"guarded delivered all {safe.delivered} in order, 0 lost."
+        )
+    return (
+        f"FAIL: guarded lost {safe.lost}/{safe.emitted} events, {safe.out_of_order} out of "
+        f"order, {_count(safe.still_buffered)} still buffered "
+        f"(unguarded lost {bare.lost})."
+    )
+
+
+class ProgressBar:
+    """A one-line text progress bar (``\\r``-redrawn); silent when disabled."""
+
+    def __init__(self, stream: TextIO | None = None, *, width: int = 20, enabled: bool = True):
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self.enabled = enabled
+        self._last: tuple[str, int] | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled or (phase, done) == self._last:
+            return
+        self._last = (phase, done)
+        filled = self.width * done // total if total else self.width
+        bar = "#" * filled + "-" * (self.width - filled)
+        digits = len(str(total))
+        self.stream.write(f"\r{phase:<9} [{bar}] {done:>{digits}}/{total}")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
