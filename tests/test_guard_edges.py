@@ -279,3 +279,37 @@ def test_lifecycle_calls_reject_bad_thread_ids() -> None:
             call("")
     with pytest.raises(ValueError, match="got None"):
         guard.mark_error(None, "x")  # type: ignore[arg-type]
+
+
+async def test_a_flush_cancelled_while_waiting_for_the_line_does_not_free_it() -> None:
+    """Found in review: a queued flush task cancelled before its turn released the line it
+    never held, and the same event went out twice."""
+    guard = Guard(on_unready="buffer")
+    got: list[tuple[str, int]] = []
+    gate = asyncio.Event()
+
+    async def slow(message: Any) -> bool:
+        got.append(("start", message["n"]))
+        await gate.wait()
+        got.append(("done", message["n"]))
+        return True
+
+    async def fast(message: Any) -> bool:
+        got.append(("fast", message["n"]))
+        return True
+
+    await guard.send("t", {"n": 1}, slow)  # buffered
+    guard.mark_connected("t")  # a flush takes the line and delivers n=1 slowly
+    await asyncio.sleep(0.01)
+    guard.mark_connected("t")  # a second flush queues for the line
+    await asyncio.sleep(0)
+    queued = [task for task in guard._tasks if not task.done()][-1]
+    queued.cancel()
+    await asyncio.sleep(0.01)
+    sender = asyncio.create_task(guard.send("t", {"n": 2}, fast))
+    await asyncio.sleep(0.01)
+    gate.set()
+    assert await sender
+    assert await guard.drain(1.0) == 0
+    assert got == [("start", 1), ("done", 1), ("fast", 2)]
+    assert guard.stats().outcomes[Outcome.FLUSHED] == 1

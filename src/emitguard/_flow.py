@@ -148,10 +148,16 @@ class OutboxFlow(GuardCore):
 
     async def _flush_task(self, slot: ThreadSlot) -> None:
         ticket = slot.take()
+        if ticket is not None:
+            try:
+                await ticket
+            except asyncio.CancelledError:
+                slot.flush_pending = False
+                if ticket.done() and not ticket.cancelled():
+                    self._leave(slot)  # the line was handed to us just now: pass it on
+                raise  # else we never held the line: nothing to give up
         closing = False
         try:
-            if ticket is not None:
-                await ticket
             slot.flush_pending = False
             if slot.state is CONNECTED:
                 await self._flush_in_line(slot)
