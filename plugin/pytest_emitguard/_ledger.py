@@ -23,11 +23,17 @@ class EmissionLedger:
 
     def __init__(self) -> None:
         self.records: list[Emission] = []
+        self._guards: dict[int, Guard] = {}
 
     @emitguard.hookimpl
     def emitguard_emission(self, emission: Emission, guard: Guard) -> None:
         """Collect a record (the engine calls this for every guard)."""
         self.records.append(emission)
+        self._guards.setdefault(id(guard), guard)
+
+    def guards(self) -> list[Guard]:
+        """The guards that recorded an emission while this ledger listened."""
+        return list(self._guards.values())
 
     # ------------------------------------------------------------------ queries
 

@@ -6,7 +6,7 @@ Everything heavy is imported inside the hooks and fixtures, so coverage sees thi
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -122,11 +122,9 @@ def _strict(config: pytest.Config, options: MarkerOptions) -> bool:
     return bool(flag) if flag is not None else bool(config.getini("emitguard_strict"))
 
 
-def _drain_guards(timeout: float) -> None:
-    """Deliver what every live guard can still deliver, within ``timeout`` seconds."""
-    import emitguard
-
-    for guard in emitguard.live_guards():
+def _drain_guards(guards: Iterable[Guard], timeout: float) -> None:
+    """Deliver what the test's guards can still deliver, within ``timeout`` seconds."""
+    for guard in guards:
         if not guard.stats().pending_total:
             continue
         try:
@@ -151,7 +149,7 @@ def emissions(request: pytest.FixtureRequest) -> Iterator[EmissionLedger]:
     emitguard.register(ledger)
     try:
         yield ledger
-        _drain_guards(options.drain_timeout)
+        _drain_guards(ledger.guards(), options.drain_timeout)
     finally:
         emitguard.unregister(ledger)
     bad = ledger.problems(options.allow)
@@ -173,7 +171,10 @@ def _emitguard_strict_mode(request: pytest.FixtureRequest) -> None:
         return
     options = MarkerOptions.of(request.node)
     marked = request.node.get_closest_marker("emitguard") is not None
-    if marked or _strict(request.config, options):
+    wanted = (
+        options.strict if options.strict is not None else marked or _strict(request.config, options)
+    )
+    if wanted:
         request.getfixturevalue("emissions")
 
 

@@ -252,3 +252,39 @@ async def test_messages(reference_manager, emitguard_guard, emissions):
 """,
     )
     result.assert_outcomes(passed=1)
+
+
+def test_a_guard_from_an_earlier_test_does_not_fail_the_next_one(pytester: pytest.Pytester) -> None:
+    """Found in review: the teardown drained every live guard, so an earlier test's allowed
+    leftovers expired into a later test's ledger."""
+    result = run(
+        pytester,
+        """
+import time
+
+
+@pytest.mark.emitguard(allow=("buffered",))
+async def test_a(reference_manager, emitguard_guard, emissions):
+    emitguard_guard(reference_manager, on_unready="buffer", ttl=0.05)
+    await reference_manager.send_to_thread("t-A", {"type": "agent_started"})
+
+
+def test_b(emissions):
+    time.sleep(0.1)
+""",
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_marker_strict_false_opts_out_of_strict_mode(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_suite=RACE
+        + """
+@pytest.mark.emitguard(strict=False)
+async def test_opted_out(reference_manager, emitguard_guard):
+    emitguard_guard(reference_manager, on_unready="buffer")
+    await reference_manager.send_to_thread("t-2", {"type": "x"})
+"""
+    )
+    result = pytester.runpytest(*ASYNCIO, "-o", "asyncio_mode=auto", "--emitguard-strict")
+    result.assert_outcomes(passed=1)
