@@ -106,14 +106,14 @@ class ManagerAdapter:
         self.target = target
         self.options = dict(options)
         self.guard = guard
-        self.roles = {name: options.get(name, default) for name, default in ADAPTER_OPTIONS.items()}
+        self.roles = _roles(options)
         self.patches: list[_Patch] = []
         self.active = True
 
     @classmethod
     def create(cls, target: Any, options: dict[str, Any]) -> ManagerAdapter | _Alias:
         """Guard ``target`` or raise :class:`AdapterError` saying why it cannot be."""
-        roles = {name: options.get(name, default) for name, default in ADAPTER_OPTIONS.items()}
+        roles = _roles(options)
         for role in ("send", "associate", "disconnect"):
             value = roles[role]
             if value is not None and (not isinstance(value, str) or not value.isidentifier()):
@@ -143,7 +143,7 @@ class ManagerAdapter:
     @staticmethod
     def normalize(options: dict[str, Any]) -> dict[str, Any]:
         """Options with every default filled in, to compare two calls of guard()."""
-        roles = {name: options.get(name, default) for name, default in ADAPTER_OPTIONS.items()}
+        roles = _roles(options)
         rest = {k: v for k, v in options.items() if k not in ADAPTER_OPTIONS}
         extra: dict[str, Any] = {k: rest.pop(k) for k in ("outbox", "name") if k in rest}
         return {**roles, **GuardOptions.from_kwargs(rest).as_dict(), **extra}
@@ -338,6 +338,11 @@ def _observer(
         return result
 
     return call
+
+
+def _roles(options: dict[str, Any]) -> dict[str, Any]:
+    """The adapter's own options, defaults filled in."""
+    return {name: options.get(name, default) for name, default in ADAPTER_OPTIONS.items()}
 
 
 def _value(value: Any) -> Any:
