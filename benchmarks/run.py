@@ -147,6 +147,39 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+class _Listener:
+    """A listener that does nothing: what any emission hook costs the guard."""
+
+    @emitguard.hookimpl
+    def emitguard_emission(self, emission: emitguard.Emission) -> None:
+        pass
+
+
+async def bench_listener(n: int, rounds: int) -> dict[str, Any]:
+    """Guarded send with no listener vs with one (every send then makes a record)."""
+    manager = NoopManager()
+    emitguard.guard(manager)
+    manager.update_connection_thread("user", "t-1")
+    listener = _Listener()
+    quiet: list[float] = []
+    heard: list[float] = []
+    try:
+        await _time_loop(manager.send_to_thread, ["t-1"], n // 10 + 1)
+        for _ in range(rounds):
+            gc.collect()
+            quiet.append(await _time_loop(manager.send_to_thread, ["t-1"], n))
+            emitguard.register(listener)
+            try:
+                gc.collect()
+                heard.append(await _time_loop(manager.send_to_thread, ["t-1"], n))
+            finally:
+                emitguard.unregister(listener)
+    finally:
+        emitguard.unguard(manager)
+    times = {"no listener": statistics.median(quiet), "one listener": statistics.median(heard)}
+    return {"seconds_per_send": times, "ratio": times["one listener"] / times["no listener"]}
+
+
 async def bench_barrier(trials: int) -> dict[str, Any]:
     manager = NoopManager()
     event: list[float] = []
@@ -229,6 +262,12 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"   {name:<36} {_us(value)} per send")
     lines.append(f"   ratio = {scale['ratio']:.2f}   (target < 1.2)")
     lines.append(f"   ratio, sends spread over the known threads = {scale['ratio_spread']:.2f}")
+    listener = results["listener"]
+    lines.append("")
+    lines.append("4. guarded send cost with an emission listener registered (no target)")
+    for name, value in listener["seconds_per_send"].items():
+        lines.append(f"   {name:<14} {_us(value)} per send")
+    lines.append(f"   one listener / no listener = {listener['ratio']:.1f}x")
     return "\n".join(lines)
 
 
@@ -247,6 +286,7 @@ async def run(quick: bool) -> dict[str, Any]:
         "send": await bench_send(n, rounds),
         "barrier": await bench_barrier(300 if quick else 2000),
         "scale": await bench_scale(n, rounds, 100_000),
+        "listener": await bench_listener(n // 4, rounds),
     }
 
 
