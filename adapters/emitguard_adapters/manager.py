@@ -27,6 +27,7 @@ import wrapt
 from emitguard import AdapterError, Guard, GuardOptions, hookimpl
 from emitguard.api import check_same_options
 from emitguard.calls import MISSING
+from emitguard.guard import GUARD_ARGUMENTS
 from emitguard_adapters._params import other, parameters, resolve
 
 __all__ = ["ADAPTER_OPTIONS", "ManagerAdapter", "emitguard_adapt"]
@@ -44,7 +45,7 @@ ADAPTER_OPTIONS: dict[str, Any] = {
 }
 """The manager adapter's own options and their defaults; every other option goes to Guard."""
 
-_VALID_OPTIONS = {*ADAPTER_OPTIONS, *GuardOptions.__dataclass_fields__, "outbox", "name"}
+_VALID_OPTIONS = {*ADAPTER_OPTIONS, *GuardOptions.__dataclass_fields__, *GUARD_ARGUMENTS}
 
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class ManagerAdapter:
         """Options with every default filled in, to compare two calls of guard()."""
         roles = _roles(options)
         rest = {k: v for k, v in options.items() if k not in ADAPTER_OPTIONS}
-        extra: dict[str, Any] = {k: rest.pop(k) for k in ("outbox", "name") if k in rest}
+        extra: dict[str, Any] = {k: rest.pop(k) for k in GUARD_ARGUMENTS if k in rest}
         return {**roles, **GuardOptions.from_kwargs(rest).as_dict(), **extra}
 
     @classmethod

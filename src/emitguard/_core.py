@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from emitguard import hooks
 from emitguard._line import ThreadSlot
+from emitguard._telemetry import Telemetry
 from emitguard.calls import MISSING
 from emitguard.errors import EmissionError
 from emitguard.options import GuardOptions
@@ -20,6 +21,9 @@ from emitguard.records import Emission, event_type_of
 from emitguard.states import ConnectionState, Outcome
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
     from emitguard.guard import Guard
 
 log = logging.getLogger("emitguard")
@@ -39,7 +43,15 @@ def live_guards() -> list[Guard]:
 class GuardCore:
     """State shared by the send paths and the outbox flow."""
 
-    def __init__(self, *, outbox: Outbox | None = None, name: str | None = None, **options: Any):
+    def __init__(
+        self,
+        *,
+        outbox: Outbox | None = None,
+        name: str | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        **options: Any,
+    ):
         self.options = GuardOptions.from_kwargs(options)
         self.name = name or f"guard-{next(_names)}"
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
@@ -61,15 +73,22 @@ class GuardCore:
         self._poison = self.options.poison
         self._dispatch = hooks._dispatch
         self._hot: dict[str, ThreadSlot] = self._threads
-        """The threads the hot path may serve: all of them, or none while a record is needed
-        for every delivery (someone listens, or seqs are stamped)."""
+        """The threads the hot path may serve: all of them, or none while every delivery
+        needs a record, a span or a count (someone listens, seqs are stamped, telemetry)."""
+        self._tel = Telemetry(self, tracer_provider, meter_provider)
         hooks.load_entry_points()
         _live.add(self)
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-read whether anyone listens to records (called when plugins change)."""
-        plain = self._stamp is None and not self._dispatch.listening
+        """Re-read whether anyone listens to records and whether an OpenTelemetry SDK stands
+        behind the providers (called when plugins change, and on each association while no
+        SDK was found). Call it after configuring OpenTelemetry to trace the very next send."""
+        self._tel.refresh()
+        self._replan()
+
+    def _replan(self) -> None:
+        plain = self._stamp is None and not self._dispatch.listening and not self._tel.active
         self._hot = self._threads if plain else {}
 
     # --------------------------------------------------------------- threads
@@ -217,6 +236,8 @@ class GuardCore:
     def _note(self, record: Emission) -> Emission:
         """Count a record and hand it to the listeners."""
         self._counts[record.outcome] += 1
+        if self._tel.active:
+            self._tel.noted(record)
         if self._dispatch.listening:
             hooks.call_safely("emitguard_emission", emission=record, guard=self)
         return record
@@ -224,6 +245,8 @@ class GuardCore:
     def _conclude(self, record: Emission) -> bool:
         """Note the caller's own record; True for a good outcome, else False (or raise)."""
         self._note(record)
+        if self._tel.active:
+            self._tel.concluded(record)
         if record.outcome.ok:
             return True
         if self._strict:

@@ -8,8 +8,10 @@ from typing import Any
 
 from emitguard._core import CONNECTED, GuardCore, log
 from emitguard._line import ThreadSlot
+from emitguard._telemetry import FLUSH, Scope, leave_scope
 from emitguard.calls import Verdict, judge, judge_error
 from emitguard.outbox import OutboxEntry
+from emitguard.records import Emission
 from emitguard.states import ConnectionState, Outcome
 
 
@@ -25,8 +27,26 @@ class OutboxFlow(GuardCore):
             if is_async:
                 result = await result
         except Exception as exc:
+            if self._tel.active:
+                self._tel.failed_attempt(exc)
             return judge_error(exc, self._poison)
         return judge(result)
+
+    async def _attempt_entry(self, entry: OutboxEntry) -> tuple[Verdict, str | None, Scope | None]:
+        """Deliver a buffered entry once, under a flush span linked to the one that buffered
+        it (when telemetry is active)."""
+        tel = self._tel
+        if not tel.active:
+            return (*await self._attempt(entry.deliver, entry.message, entry.is_async), None)
+        span = tel.start(FLUSH, entry.thread_id, entry.seq, entry.event_type, entry.link)
+        scope = Scope(span)
+        try:
+            with scope:
+                verdict, why = await self._attempt(entry.deliver, entry.message, entry.is_async)
+        except BaseException:
+            tel.finish(scope)
+            raise
+        return verdict, why, scope
 
     async def _buffer(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> bool:
         """Put an emission into the outbox, applying the bounds; records what happened."""
@@ -59,12 +79,19 @@ class OutboxFlow(GuardCore):
                     )
                 )
             self._forget(victim)
-            self._note(
-                self._entry_record(
-                    victim, Outcome.DROPPED, f"{full}, evicted for a newer event ({opts.overflow})"
-                )
+            self._left(
+                victim,
+                self._note(
+                    self._entry_record(
+                        victim,
+                        Outcome.DROPPED,
+                        f"{full}, evicted for a newer event ({opts.overflow})",
+                    )
+                ),
             )
         entry.buffered = time.monotonic()
+        if self._tel.active and entry.link is None:
+            entry.link = self._tel.current_link()
         await self.outbox.push(entry)
         slot.backlog += 1
         self._total += 1
@@ -102,27 +129,44 @@ class OutboxFlow(GuardCore):
             key = (entry.thread_id, entry.seq)
             self._in_flight.add(key)  # not evicted while the send runs
             try:
-                verdict, why = await self._attempt(entry.deliver, entry.message, entry.is_async)
+                verdict, why, scope = await self._attempt_entry(entry)
             finally:
                 self._in_flight.discard(key)
             if verdict is Verdict.RETRY:
-                self._set_state(slot, ConnectionState.DISCONNECTED, f"flush failed: {why}")
+                why = f"flush failed: {why}"
+                self._set_state(slot, ConnectionState.DISCONNECTED, why)
+                if scope is not None:  # the span says so; the entry stays BUFFERED
+                    scope.record = self._entry_record(entry, Outcome.BUFFERED, why)
+                    self._tel.finish(scope)
                 break
             if verdict is Verdict.OK:
                 why = f"delivered from the outbox on attempt {entry.attempts}"
-                await self._settle(entry, Outcome.FLUSHED, why)
+                await self._settle(entry, Outcome.FLUSHED, why, scope)
             else:
-                await self._settle(entry, Outcome.FAILED, why)
+                await self._settle(entry, Outcome.FAILED, why, scope)
 
-    async def _settle(self, entry: OutboxEntry, outcome: Outcome, reason: str | None) -> None:
+    async def _settle(
+        self, entry: OutboxEntry, outcome: Outcome, reason: str | None, scope: Scope | None = None
+    ) -> None:
         """Take an entry out of the outbox with its terminal outcome."""
         if not await self.outbox.remove(entry.thread_id, entry.seq):
             log.error(
                 "outbox %r no longer holds %s seq %d", self.outbox, entry.thread_id, entry.seq
             )
+            if scope is not None:
+                self._tel.finish(scope)
             return
         self._forget(entry)
-        self._note(self._entry_record(entry, outcome, reason))
+        self._left(entry, self._note(self._entry_record(entry, outcome, reason)), scope)
+
+    def _left(self, entry: OutboxEntry, record: Emission, scope: Scope | None = None) -> None:
+        """Trace an entry that left the outbox: end its flush span, or give the emission a
+        short span of its own when it left without a delivery attempt."""
+        if scope is not None:
+            scope.record = record
+            self._tel.finish(scope)
+        elif self._tel.active:
+            self._tel.settle(record, entry.link)
 
     def _forget(self, entry: OutboxEntry) -> None:
         """Account for an entry that left the outbox."""
@@ -147,6 +191,7 @@ class OutboxFlow(GuardCore):
             self._schedule_flush(slot)
 
     async def _flush_task(self, slot: ThreadSlot) -> None:
+        leave_scope()  # a task inherits its creator's scope: this flush is not that send
         ticket = slot.take()
         if ticket is not None:
             try:
@@ -212,7 +257,8 @@ class OutboxFlow(GuardCore):
                 continue  # its holder checks expiry before every delivery
             for entry in await self.outbox.expire(slot.thread_id, cutoff):
                 self._forget(entry)
-                self._note(self._entry_record(entry, Outcome.EXPIRED, expired_reason(ttl)))
+                record = self._entry_record(entry, Outcome.EXPIRED, expired_reason(ttl))
+                self._left(entry, self._note(record))
 
     def _ensure_sweeper(self) -> None:
         if self.options.ttl is None:

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from emitguard._core import CONNECTED
+from emitguard._traced import traced_send
 from emitguard.calls import MISSING, Arg, Call, Verdict, WraptWrapper, judge, judge_error
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def make_sender(guard: Guard, thread: Arg, message: Arg) -> WraptWrapper:
             or slot.backlog
             or payload is None
         ):
+            if guard._tel.active:  # not the hot path: it runs with telemetry off only
+                return await traced_send(guard, thread_id, payload, wrapped, args, kwargs, rebind)
             return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
         slot.busy = True
         slot.seq = seq = slot.seq + 1

@@ -11,20 +11,28 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emitguard import hooks
 from emitguard._core import CONNECTED, check_thread_id, live_guards, owner_key, thread_name
 from emitguard._flow import OutboxFlow
 from emitguard._hotpath import make_sender, make_sync_sender
 from emitguard._line import ThreadSlot
+from emitguard._traced import traced_send, traced_send_sync
 from emitguard.calls import Arg, Call, Rebind, Verdict, WraptWrapper, rebind_only
 from emitguard.errors import EmissionError
 from emitguard.outbox import Outbox, OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
 from emitguard.stats import GuardStats
 
-__all__ = ["Guard", "GuardStats", "live_guards"]
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+__all__ = ["GUARD_ARGUMENTS", "Guard", "GuardStats", "live_guards"]
+
+GUARD_ARGUMENTS = ("outbox", "name", "tracer_provider", "meter_provider")
+"""Arguments of :class:`Guard` that are not :class:`~emitguard.options.GuardOptions`."""
 
 AsyncDeliver = Callable[[Any], Awaitable[Any]]
 SyncDeliver = Callable[[Any], Any]
@@ -35,12 +43,28 @@ class Guard(OutboxFlow):
     """Guards the sends of one connection manager.
 
     ``Guard(**options)`` takes the options of :class:`~emitguard.options.GuardOptions`, plus
-    ``outbox`` (a backend; default :class:`~emitguard.outbox.MemoryOutbox`) and ``name``.
-    Most users get a guard from :func:`emitguard.guard` rather than building one.
+    ``outbox`` (a backend; default :class:`~emitguard.outbox.MemoryOutbox`), ``name``, and
+    the OpenTelemetry ``tracer_provider`` and ``meter_provider`` (the global ones by default;
+    see ``docs/tracing.md``). Most users get a guard from :func:`emitguard.guard` rather than
+    building one.
     """
 
-    def __init__(self, *, outbox: Outbox | None = None, name: str | None = None, **options: Any):
-        super().__init__(outbox=outbox, name=name, **options)
+    def __init__(
+        self,
+        *,
+        outbox: Outbox | None = None,
+        name: str | None = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+        **options: Any,
+    ):
+        super().__init__(
+            outbox=outbox,
+            name=name,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+            **options,
+        )
         hooks.call_safely("emitguard_guard_created", guard=self)
 
     def __repr__(self) -> str:
@@ -81,6 +105,8 @@ class Guard(OutboxFlow):
         """:meth:`send` for adapters: the original is ``fn(*args, **kwargs)``, and
         ``rebind(args, kwargs, message)`` returns the arguments with another message in them
         (for seq stamping and for deliveries from the outbox)."""
+        if self._tel.active:
+            return await traced_send(self, thread_id, message, fn, args, kwargs, rebind)
         try:
             return await self._send_slow(thread_id, message, Call(fn, args, kwargs, rebind))
         except EmissionError:
@@ -103,8 +129,11 @@ class Guard(OutboxFlow):
     ) -> bool:
         """:meth:`send_call` for a synchronous original. A send that cannot be delivered at
         once is buffered (this needs a ``synchronous`` outbox; the memory outbox is one)."""
+        call = Call(fn, args, kwargs, rebind)
+        if self._tel.active:
+            return traced_send_sync(self, thread_id, message, call)
         try:
-            return self._send_sync(thread_id, message, Call(fn, args, kwargs, rebind))
+            return self._send_sync(thread_id, message, call)
         except EmissionError:
             raise
         except Exception as exc:
@@ -308,6 +337,8 @@ class Guard(OutboxFlow):
             slot.owners.add(key)
             self._owners.setdefault(key, set()).add(thread_id)
         slot.timed_out = False
+        if not self._tel.active and self._tel.refresh():  # an SDK configured since
+            self._replan()
         self._set_state(slot, CONNECTED, None)
         slot.wake_ready(True)
         if slot.backlog:

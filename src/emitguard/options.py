@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
 __all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "GuardOptions"]
@@ -46,6 +46,15 @@ class GuardOptions:
     """Exceptions from the original send that mean the message itself cannot be sent (it does
     not serialise, the call is wrong): such an event is FAILED at once instead of being kept
     and retried, and the thread keeps its state."""
+    tracing: bool = True
+    """Emit OpenTelemetry spans when a tracer provider with an SDK is configured."""
+    metrics: bool = True
+    """Report OpenTelemetry metrics when a meter provider with an SDK is configured."""
+    destination_template: str = "threads/{thread_id}"
+    """``messaging.destination.template`` of spans, and the second word of their names."""
+    span_hook: Callable[..., None] | None = None
+    """``span_hook(span, thread_id, message)``, called on each recording send span before the
+    send; add attributes there. Its exceptions are logged and the emission goes on."""
 
     def __post_init__(self) -> None:
         _number("ready_timeout", self.ready_timeout, allow_zero=True)
@@ -60,9 +69,16 @@ class GuardOptions:
             not isinstance(self.stamp_seq, str) or not self.stamp_seq
         ):
             raise ValueError(f"stamp_seq must be a non-empty key or None, got {self.stamp_seq!r}")
-        if not isinstance(self.strict, bool):
-            raise TypeError(f"strict must be a bool, got {self.strict!r}")
         object.__setattr__(self, "poison", _exception_types(self.poison))
+        for flag in ("strict", "tracing", "metrics"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if not isinstance(self.destination_template, str) or not self.destination_template:
+            raise ValueError(
+                f"destination_template must be a non-empty str, got {self.destination_template!r}"
+            )
+        if self.span_hook is not None and not callable(self.span_hook):
+            raise TypeError(f"span_hook must be callable or None, got {self.span_hook!r}")
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> GuardOptions:

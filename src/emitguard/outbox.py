@@ -42,6 +42,9 @@ class OutboxEntry:
     waited: float = 0.0
     buffered: float = 0.0
     """``time.monotonic()`` when it entered the outbox."""
+    link: Any = None
+    """The OpenTelemetry ``SpanContext`` of the span that buffered it (its flush links to it);
+    a network backend may store it as a W3C ``traceparent``."""
 
 
 class Outbox(abc.ABC):

@@ -1,0 +1,357 @@
+"""OpenTelemetry for one guard: a span per emission and per flush, outcome metrics.
+
+Everything goes through ``opentelemetry-api``. When no SDK stands behind the providers (or
+``tracing=False`` and ``metrics=False``) the guard is not *active* and its sends take the same
+path as without this module. Spans follow the messaging semantic conventions; see
+``docs/tracing.md`` for every name.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import (
+    Link,
+    NoOpTracer,
+    NoOpTracerProvider,
+    ProxyTracerProvider,
+    Span,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    Tracer,
+    TracerProvider,
+)
+
+from emitguard._metrics import EVENT_TYPE, GUARD, OUTCOME, Instruments, meter_of
+from emitguard.records import Emission
+from emitguard.states import Outcome
+
+if TYPE_CHECKING:
+    from emitguard._core import GuardCore
+
+__all__ = ["FLUSH", "REPLAY", "SEND", "Scope", "Telemetry"]
+
+log = logging.getLogger("emitguard")
+
+VERSION = "0.1.0"
+SEND, FLUSH, REPLAY, EXPIRE, DROP = "send", "flush", "replay", "expire", "drop"
+_SETTLE = {Outcome.EXPIRED: EXPIRE, Outcome.DROPPED: DROP, Outcome.FAILED: DROP}
+
+SYSTEM = "messaging.system"
+OPERATION_TYPE = "messaging.operation.type"
+OPERATION_NAME = "messaging.operation.name"
+DESTINATION = "messaging.destination.name"
+TEMPLATE = "messaging.destination.template"
+MESSAGE_ID = "messaging.message.id"
+ERROR_TYPE = "error.type"
+BARRIER_WAIT = "emitguard.barrier.wait"
+BUFFER_DURATION = "emitguard.buffer.duration"
+REASON = "emitguard.reason"
+
+_BAD = frozenset({Outcome.DROPPED, Outcome.EXPIRED, Outcome.FAILED, Outcome.REJECTED})
+
+SpanHook = Callable[[Span, str, Any], None]
+"""``span_hook(span, thread_id, message)``: add attributes to an emission's span."""
+
+
+class Scope:
+    """The span an engine step runs under, and what the step learnt for it.
+
+    Opened around a send (and around each delivery attempt of a flush), it makes the span the
+    current one, so the original send's own spans nest under it.
+    """
+
+    __slots__ = ("_context", "_token", "error", "record", "span")
+
+    def __init__(self, span: Span | None) -> None:
+        self.span = span
+        self.record: Emission | None = None
+        """The first record the step concluded with (the caller's own outcome)."""
+        self.error: Exception | None = None
+        """The last exception the original send raised."""
+        self._token: Token[Scope | None] | None = None
+        self._context: object = None
+
+    def failed(self, exc: Exception) -> None:
+        """The original send raised ``exc``: keep it, and record it on a recording span."""
+        self.error = exc
+        span = self.span
+        if span is not None and span.is_recording():
+            span.record_exception(exc)
+
+    def __enter__(self) -> Scope:
+        self._token = _scope.set(self)
+        if self.span is not None:
+            self._context = otel_context.attach(trace.set_span_in_context(self.span))
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._context is not None:
+            otel_context.detach(self._context)  # type: ignore[arg-type]
+            self._context = None
+        if self._token is not None:
+            _scope.reset(self._token)
+            self._token = None
+
+
+_scope: ContextVar[Scope | None] = ContextVar("emitguard_scope", default=None)
+
+
+def leave_scope() -> None:
+    """Forget the inherited scope (in a task spawned while a send's scope was open)."""
+    _scope.set(None)
+
+
+class Telemetry:
+    """A guard's tracer and instruments, resolved from the providers it was given."""
+
+    __slots__ = (
+        "__weakref__",
+        "_core",
+        "_hook_failed",
+        "_meter_provider",
+        "_names",
+        "_tracer_provider",
+        "active",
+        "counts",
+        "guard_name",
+        "instruments",
+        "span_hook",
+        "template",
+        "tracer",
+    )
+
+    def __init__(
+        self,
+        core: GuardCore,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
+        options = core.options
+        self._core = weakref.ref(core)
+        self._tracer_provider = tracer_provider
+        self._meter_provider = meter_provider
+        self.guard_name = core.name
+        self.template = options.destination_template
+        self._names = {op: f"{op} {self.template}" for op in (SEND, FLUSH, REPLAY, EXPIRE, DROP)}
+        self.span_hook: SpanHook | None = options.span_hook
+        self._hook_failed = False
+        self.tracer: Tracer | None = None
+        self.instruments: Instruments | None = None
+        self.active = False
+        """Whether spans or metrics are recorded at all; when not, sends skip this module."""
+        self.counts: dict[tuple[Outcome, str | None], int] = {}
+        """Records by (outcome, event type), read by the ``emitguard.emissions`` counter."""
+        self.refresh()
+
+    # ------------------------------------------------------------- providers
+
+    def refresh(self) -> bool:
+        """Look for an SDK behind the providers again; True when anything changed."""
+        options = self._core_options()
+        tracer = self._find_tracer() if options is not None and options.tracing else None
+        meter = (
+            meter_of(self._meter_provider, VERSION)
+            if options is not None and options.metrics
+            else None
+        )
+        instruments = Instruments.of(meter) if meter is not None else None
+        if instruments is not None:
+            instruments.members.add(self)
+        changed = tracer is not self.tracer or instruments is not self.instruments
+        if self.instruments is not None and instruments is not self.instruments:
+            self.instruments.members.discard(self)
+        self.tracer, self.instruments = tracer, instruments
+        self.active = tracer is not None or instruments is not None
+        return changed
+
+    def _core_options(self) -> Any:
+        core = self._core()
+        return core.options if core is not None else None
+
+    def _find_tracer(self) -> Tracer | None:
+        provider = self._tracer_provider
+        if provider is None or isinstance(provider, ProxyTracerProvider):
+            provider = trace.get_tracer_provider()
+        if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
+            return None
+        tracer = provider.get_tracer("emitguard", VERSION)
+        return None if isinstance(tracer, NoOpTracer) else tracer
+
+    @property
+    def reporting(self) -> bool:
+        """Whether the guard is alive and open (closed guards stop reporting metrics)."""
+        core = self._core()
+        return core is not None and not core.closed
+
+    def outbox_size(self) -> int:
+        core = self._core()
+        return core._total if core is not None else 0
+
+    # ------------------------------------------------------------------ spans
+
+    def start(
+        self,
+        operation: str,
+        thread_id: str,
+        seq: int = 0,
+        event_type: str | None = None,
+        link: SpanContext | None = None,
+        *,
+        start_time: int | None = None,
+        delivered: bool = False,
+    ) -> Span | None:
+        """Start a span for one step of an emission, or ``None`` when none is wanted.
+
+        ``delivered``: the step is over and went well; the span gets its outcome at once.
+        """
+        tracer = self.tracer
+        if tracer is None or otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY):
+            return None
+        settle = operation in (EXPIRE, DROP)
+        attributes: dict[str, str] = {
+            SYSTEM: "emitguard",
+            OPERATION_TYPE: "settle" if settle else "send",
+            OPERATION_NAME: operation,
+            DESTINATION: thread_id,
+            TEMPLATE: self.template,
+        }
+        if seq:
+            attributes[MESSAGE_ID] = str(seq)
+        if event_type is not None:
+            attributes[EVENT_TYPE] = event_type
+        if delivered:
+            attributes[OUTCOME] = Outcome.DELIVERED.value
+        links = [Link(link)] if link is not None and link.is_valid else None
+        try:
+            return tracer.start_span(
+                self._names[operation],
+                kind=SpanKind.INTERNAL if settle else SpanKind.PRODUCER,
+                attributes=attributes,
+                links=links,
+                start_time=start_time,
+            )
+        except Exception:  # a broken tracer must not break the emission
+            log.exception("emitguard could not start a span for thread %r", thread_id)
+            return None
+
+    def hook(self, span: Span | None, thread_id: str, message: Any) -> None:
+        """Run the user's ``span_hook``; its failure is logged, never raised."""
+        hook = self.span_hook
+        if hook is None or span is None or not span.is_recording():
+            return
+        try:
+            hook(span, thread_id, message)
+        except Exception:
+            level = logging.DEBUG if self._hook_failed else logging.WARNING
+            self._hook_failed = True
+            log.log(level, "emitguard span_hook %r raised; the send goes on", hook, exc_info=True)
+
+    def finish_send(self, scope: Scope) -> None:
+        """:meth:`finish` a send's scope and record the time it waited on the barrier."""
+        record = scope.record
+        if record is not None and record.waited and self.instruments is not None:
+            self.instruments.barrier_wait.record(
+                record.waited, {GUARD: self.guard_name, OUTCOME: record.outcome.value}
+            )
+        self.finish(scope)
+
+    def finish(self, scope: Scope) -> None:
+        """End the scope's span with the outcome the step concluded with."""
+        if scope.span is not None:
+            self.end(scope.span, scope.record, scope.error)
+
+    def end(self, span: Span, record: Emission | None, error: BaseException | None) -> None:
+        """Set the outcome attributes (when recording) and end the span."""
+        try:
+            if record is not None and span.is_recording():
+                _describe(span, record, error)
+        except Exception:
+            log.exception("emitguard could not describe the span of %s", record)
+        finally:
+            span.end()
+
+    def settle(self, record: Emission, link: SpanContext | None) -> None:
+        """A short span for an emission that left the outbox without a delivery attempt
+        (expired, evicted, undeliverable), linked to the span that buffered it."""
+        operation = _SETTLE.get(record.outcome)
+        if operation is None or self.tracer is None:
+            return
+        span = self.start(operation, record.thread_id, record.seq, record.event_type, link)
+        if span is not None:
+            self.end(span, record, None)
+
+    def failed_attempt(self, exc: Exception) -> None:
+        """The original send raised: remember it for the scope and record it on its span."""
+        scope = _scope.get()
+        if scope is not None:
+            scope.failed(exc)
+
+    @staticmethod
+    def concluded(record: Emission) -> None:
+        """The current step's own record (the first one wins)."""
+        scope = _scope.get()
+        if scope is not None and scope.record is None:
+            scope.record = record
+
+    @staticmethod
+    def current_link() -> SpanContext | None:
+        """The span context to link a later flush to: the current scope's span."""
+        scope = _scope.get()
+        span = scope.span if scope is not None else None
+        return span.get_span_context() if span is not None else None
+
+    # ---------------------------------------------------------------- metrics
+
+    def noted(self, record: Emission) -> None:
+        """Count a record; an emission that left the outbox adds its time there."""
+        instruments = self.instruments
+        if instruments is None:
+            return
+        key = (record.outcome, record.event_type)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if record.buffered_for:
+            instruments.buffer_duration.record(
+                record.buffered_for, {GUARD: self.guard_name, OUTCOME: record.outcome.value}
+            )
+
+    def delivered(self, event_type: str | None) -> None:
+        """Count a delivery that made no record (the traced fast path)."""
+        if self.instruments is not None:
+            key = (Outcome.DELIVERED, event_type)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+
+def _describe(span: Span, record: Emission, error: BaseException | None) -> None:
+    outcome = record.outcome
+    attributes: dict[str, str | float] = {OUTCOME: outcome.value}
+    if record.seq:
+        attributes[MESSAGE_ID] = str(record.seq)
+    if record.waited and not record.buffered_for:  # the send's span, not a flush's
+        attributes[BARRIER_WAIT] = record.waited
+    if record.buffered_for:
+        attributes[BUFFER_DURATION] = record.buffered_for
+    if record.reason and outcome not in (Outcome.DELIVERED, Outcome.FLUSHED):
+        attributes[REASON] = record.reason
+    if outcome is Outcome.BUFFERED:
+        span.add_event("buffered", {REASON: record.reason or ""})
+    elif outcome in _BAD:
+        attributes[ERROR_TYPE] = _error_type(error) if error is not None else outcome.value
+        span.set_status(Status(StatusCode.ERROR, record.reason))
+    span.set_attributes(attributes)
+
+
+def _error_type(error: BaseException) -> str:
+    kind = type(error)
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
