@@ -301,9 +301,10 @@ async def test_a_flush_cancelled_while_waiting_for_the_line_does_not_free_it() -
     await guard.send("t", {"n": 1}, slow)  # buffered
     guard.mark_connected("t")  # a flush takes the line and delivers n=1 slowly
     await asyncio.sleep(0.01)
+    holder = set(guard._tasks)
     guard.mark_connected("t")  # a second flush queues for the line
     await asyncio.sleep(0)
-    queued = [task for task in guard._tasks if not task.done()][-1]
+    [queued] = guard._tasks - holder  # (a set: its order says nothing about which is which)
     queued.cancel()
     await asyncio.sleep(0.01)
     sender = asyncio.create_task(guard.send("t", {"n": 2}, fast))

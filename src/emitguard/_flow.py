@@ -8,7 +8,7 @@ from typing import Any
 
 from emitguard._core import CONNECTED, GuardCore, log
 from emitguard._line import ThreadSlot
-from emitguard._telemetry import FLUSH, Scope, leave_scope
+from emitguard._telemetry import FLUSH, Scope
 from emitguard.calls import Verdict, judge, judge_error
 from emitguard.outbox import OutboxEntry
 from emitguard.records import Emission
@@ -191,7 +191,6 @@ class OutboxFlow(GuardCore):
             self._schedule_flush(slot)
 
     async def _flush_task(self, slot: ThreadSlot) -> None:
-        leave_scope()  # a task inherits its creator's scope: this flush is not that send
         ticket = slot.take()
         if ticket is not None:
             try:

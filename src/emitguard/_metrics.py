@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 
+from emitguard.states import Outcome
+
 if TYPE_CHECKING:
     from emitguard._telemetry import Telemetry
 
@@ -98,13 +100,20 @@ class Instruments:
                 yield member
 
     def _emissions(self, options: CallbackOptions) -> Iterable[Observation]:
-        for member in self._live():
+        totals: dict[tuple[str, Outcome, str | None], int] = {}
+        for member in self._live():  # guards of one name (one manager class) add up
             for (outcome, event_type), count in dict(member.counts).items():
-                attributes = {GUARD: member.guard_name, OUTCOME: outcome.value}
-                if event_type is not None:
-                    attributes[EVENT_TYPE] = event_type
-                yield Observation(count, attributes)
+                key = (member.guard_name, outcome, event_type)
+                totals[key] = totals.get(key, 0) + count
+        for (guard, outcome, event_type), count in totals.items():
+            attributes = {GUARD: guard, OUTCOME: outcome.value}
+            if event_type is not None:
+                attributes[EVENT_TYPE] = event_type
+            yield Observation(count, attributes)
 
     def _outbox_sizes(self, options: CallbackOptions) -> Iterable[Observation]:
+        sizes: dict[str, int] = {}
         for member in self._live():
-            yield Observation(member.outbox_size(), {GUARD: member.guard_name})
+            sizes[member.guard_name] = sizes.get(member.guard_name, 0) + member.outbox_size()
+        for guard, size in sizes.items():
+            yield Observation(size, {GUARD: guard})

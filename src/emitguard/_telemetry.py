@@ -107,11 +107,6 @@ class Scope:
 _scope: ContextVar[Scope | None] = ContextVar("emitguard_scope", default=None)
 
 
-def leave_scope() -> None:
-    """Forget the inherited scope (in a task spawned while a send's scope was open)."""
-    _scope.set(None)
-
-
 class Telemetry:
     """A guard's tracer and instruments, resolved from the providers it was given."""
 

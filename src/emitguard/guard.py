@@ -388,6 +388,12 @@ class Guard(OutboxFlow):
                 gone.append(thread_id)
         return gone
 
+    @property
+    def telemetry_active(self) -> bool:
+        """Whether this guard records OpenTelemetry spans or metrics: an SDK stands behind a
+        provider it uses and the option for it is on (see ``docs/tracing.md``)."""
+        return self._tel.active
+
     def state(self, thread_id: str) -> ConnectionState:
         """The thread's state (``CONNECTING`` for a thread the guard never saw)."""
         slot = self._threads.get(thread_id)
