@@ -6,7 +6,12 @@
    any wrapt adapter) and the guarded send to a CONNECTED thread (target: guarded <= 2x floor);
 2. barrier release latency (association -> the waiting send delivered) against a bare
    ``asyncio.Event`` wake (target: p99 <= 10x the bare wake, far below a 10 ms sleep);
-3. guarded send cost with 10 and with 100,000 threads known to the guard (target: ratio < 1.2).
+3. guarded send cost with 10 and with 100,000 threads known to the guard (target: ratio < 1.2);
+4. guarded send cost with one emission listener registered vs none (no target);
+5. OpenTelemetry: (a) a guarded send with no SDK configured vs one with ``tracing=False``
+   (target: ratio <= 1.2); (b) with an SDK ``TracerProvider`` (batch processor, discarding
+   exporter), a guarded send with its span vs a bare send under a hand-written
+   ``start_as_current_span`` (target: ratio <= 1.3).
 
 Every figure is a ratio of two measurements interleaved in the same process; absolute times are
 printed for context only.
@@ -21,10 +26,15 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import wrapt
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.trace import SpanKind
 
 import emitguard
 
@@ -231,6 +241,128 @@ async def bench_scale(n: int, rounds: int, many: int) -> dict[str, Any]:
     }
 
 
+async def bench_telemetry_off(n: int, rounds: int) -> dict[str, Any]:
+    """Guarded send with no OpenTelemetry SDK anywhere vs one with ``tracing=False``."""
+    no_sdk, off = NoopManager(), NoopManager()
+    no_sdk_guard = emitguard.guard(no_sdk)
+    off_guard = emitguard.guard(off, tracing=False)
+    try:
+        for manager in (no_sdk, off):
+            manager.update_connection_thread("u", "t1")
+        # both must take the plain hot path, or this measures something else
+        assert not no_sdk_guard._tel.active, "an OpenTelemetry SDK is configured globally"
+        assert not off_guard._tel.active
+        assert no_sdk_guard.state("t1") is emitguard.ConnectionState.CONNECTED
+        times = await _interleaved(
+            {
+                "no SDK": (no_sdk.send_to_thread, ["t1"]),
+                "tracing=False": (off.send_to_thread, ["t1"]),
+            },
+            n,
+            rounds,
+        )
+        assert not no_sdk_guard._tel.active
+        assert not off_guard._tel.active
+    finally:
+        emitguard.unguard(no_sdk)
+        emitguard.unguard(off)
+    return {
+        "seconds_per_send": times,
+        "ratio": times["no SDK"] / times["tracing=False"],
+        "target": "ratio <= 1.2",
+    }
+
+
+class _DiscardExporter(SpanExporter):
+    """Drops every span, counting them by instrumentation scope."""
+
+    def __init__(self) -> None:
+        self.exported: dict[str, int] = {}
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        exported = self.exported
+        for span in spans:
+            scope = span.instrumentation_scope
+            name = scope.name if scope is not None else ""
+            exported[name] = exported.get(name, 0) + 1
+        return SpanExportResult.SUCCESS
+
+
+SPAN_NAME = "send threads/{thread_id}"
+"""The name of the guard's send spans (the destination template, not the thread id)."""
+
+
+async def bench_telemetry_sdk(n: int, rounds: int) -> dict[str, Any]:
+    """With an SDK: the guarded send and its span vs a bare send under a hand-written span."""
+    exporter = _DiscardExporter()
+    # room for every span of the four span-making variants (warm-up included), so none is
+    # dropped for queue overflow however the export thread keeps up
+    provider = TracerProvider()
+    provider.add_span_processor(
+        BatchSpanProcessor(exporter, max_queue_size=4 * (rounds + 1) * n + 1024)
+    )
+    reader = InMemoryMetricReader()  # never collected during the timed loops
+    meters = MeterProvider(metric_readers=[reader])
+    tracer = provider.get_tracer("benchmarks")
+    bare = NoopManager()
+
+    async def current_span(thread_id: str, message: Any) -> bool:
+        with tracer.start_as_current_span(SPAN_NAME, kind=SpanKind.PRODUCER):
+            return await bare.send_to_thread(thread_id, message)
+
+    async def plain_span(thread_id: str, message: Any) -> bool:
+        span = tracer.start_span(SPAN_NAME, kind=SpanKind.PRODUCER)
+        try:
+            return await bare.send_to_thread(thread_id, message)
+        finally:
+            span.end()
+
+    traced, measured = NoopManager(), NoopManager()
+    traced_guard = emitguard.guard(traced, tracer_provider=provider)
+    measured_guard = emitguard.guard(measured, tracer_provider=provider, meter_provider=meters)
+    try:
+        for manager in (traced, measured):
+            manager.update_connection_thread("u", "t1")
+        assert traced_guard._tel.active  # a tracer, no metrics
+        assert traced_guard._tel.instruments is None
+        assert measured_guard._tel.active  # a tracer and metrics
+        assert measured_guard._tel.instruments is not None
+        assert traced_guard.state("t1") is emitguard.ConnectionState.CONNECTED
+        times = await _interleaved(
+            {
+                "bare, no span": (bare.send_to_thread, ["t1"]),
+                "bare + start_as_current_span": (current_span, ["t1"]),
+                "bare + start_span/end": (plain_span, ["t1"]),
+                "guarded, tracing": (traced.send_to_thread, ["t1"]),
+                "guarded, tracing + metrics": (measured.send_to_thread, ["t1"]),
+            },
+            n,
+            rounds,
+        )
+    finally:
+        emitguard.unguard(traced)
+        emitguard.unguard(measured)
+        provider.shutdown()  # exports what is still queued
+        meters.shutdown()
+    delivered = traced_guard.stats().outcomes[emitguard.Outcome.DELIVERED]
+    assert delivered > 0
+    assert measured_guard.stats().outcomes[emitguard.Outcome.DELIVERED] == delivered
+    assert sum(measured_guard._tel.counts.values()) == delivered  # metrics really counted
+    # one span per send, none dropped: the guard's two variants and the two hand-written ones
+    assert exporter.exported == {"emitguard": 2 * delivered, "benchmarks": 2 * delivered}, (
+        exporter.exported
+    )
+    base = times["bare + start_as_current_span"]
+    return {
+        "seconds_per_send": times,
+        "ratio": times["guarded, tracing"] / base,
+        "ratio_vs_start_span": times["guarded, tracing"] / times["bare + start_span/end"],
+        "ratio_with_metrics": times["guarded, tracing + metrics"] / base,
+        "spans_exported": sum(exporter.exported.values()),
+        "target": "ratio <= 1.3",
+    }
+
+
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:8.3f} us"
 
@@ -268,6 +400,27 @@ def report(results: dict[str, Any]) -> str:
     for name, value in listener["seconds_per_send"].items():
         lines.append(f"   {name:<14} {_us(value)} per send")
     lines.append(f"   one listener / no listener = {listener['ratio']:.1f}x")
+    off, sdk = results["telemetry_off"], results["telemetry_sdk"]
+    lines.append("")
+    lines.append("5. OpenTelemetry, CONNECTED thread")
+    lines.append("   a) no SDK configured (telemetry inactive)")
+    for name, value in off["seconds_per_send"].items():
+        lines.append(f"   {name:<30} {_us(value)} per send")
+    lines.append(f"   no SDK / tracing=False = {off['ratio']:.2f}x   (target <= 1.2x)")
+    lines.append("   b) SDK TracerProvider, batch processor, discarding exporter")
+    for name, value in sdk["seconds_per_send"].items():
+        lines.append(f"   {name:<30} {_us(value)} per send")
+    lines.append(
+        f"   guarded, tracing / bare + start_as_current_span = {sdk['ratio']:.2f}x"
+        "   (target <= 1.3x)"
+    )
+    lines.append(
+        f"   guarded, tracing / bare + start_span/end        = {sdk['ratio_vs_start_span']:.2f}x"
+    )
+    lines.append(
+        f"   guarded, tracing + metrics / bare + start_as_current_span"
+        f" = {sdk['ratio_with_metrics']:.2f}x"
+    )
     return "\n".join(lines)
 
 
@@ -276,6 +429,8 @@ def targets_met(results: dict[str, Any]) -> bool:
         results["send"]["guarded_vs_floor"] <= 2.0
         and results["barrier"]["p99_ratio"] <= 10.0
         and results["scale"]["ratio"] < 1.2
+        and results["telemetry_off"]["ratio"] <= 1.2
+        and results["telemetry_sdk"]["ratio"] <= 1.3
     )
 
 
@@ -287,6 +442,8 @@ async def run(quick: bool) -> dict[str, Any]:
         "barrier": await bench_barrier(300 if quick else 2000),
         "scale": await bench_scale(n, rounds, 100_000),
         "listener": await bench_listener(n // 4, rounds),
+        "telemetry_off": await bench_telemetry_off(n, rounds),
+        "telemetry_sdk": await bench_telemetry_sdk(n // 4, rounds),
     }
 
 

@@ -735,3 +735,148 @@ async def test_with_a_listener_every_send_has_a_record_and_a_span(
         ("delivered", "2"),
     ]
     assert [m["seq"] for m in sink.received["t1"]] == [1, 2]
+
+
+async def test_the_ttl_sweep_inherits_neither_span_nor_suppression(
+    traced: Callable[..., Guard],
+    tracer_provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    sink: Sink,
+) -> None:
+    guard = traced(ttl=0.05)
+    guard.mark_disconnected("t1")
+    guard.mark_disconnected("t2")
+    tracer = tracer_provider.get_tracer("agent")
+    with tracer.start_as_current_span("agent run"):
+        token = context.attach(context.set_value(_SUPPRESS_INSTRUMENTATION_KEY, True))
+        try:  # this send starts the sweep
+            assert await guard.send("t1", event("a"), sink.for_thread("t1"))
+        finally:
+            context.detach(token)
+    assert await guard.send("t2", event("b"), sink.for_thread("t2"))
+    for _ in range(100):
+        if len(finished(exporter, "expire threads/{thread_id}")) == 2:
+            break
+        await asyncio.sleep(0.01)
+    expired = finished(exporter, "expire threads/{thread_id}")
+    assert sorted(attrs(s)["messaging.destination.name"] for s in expired) == ["t1", "t2"]
+    assert [s.parent for s in expired] == [None, None]
+
+
+async def test_a_flush_span_does_not_carry_the_barrier_wait(
+    traced: Callable[..., Guard], exporter: InMemorySpanExporter, sink: Sink
+) -> None:
+    guard = traced(ready_timeout=0.02)
+    assert await guard.send("t1", event("a"), sink.for_thread("t1"))  # waits, then buffered
+    sink.down.add("t1")
+    guard.mark_connected("t1")
+    await guard.drain(0.2)
+    send, retry = finished(exporter)
+    assert attrs(send)["emitguard.barrier.wait"] >= 0.015
+    assert attrs(retry)["emitguard.outcome"] == "buffered"
+    assert "emitguard.barrier.wait" not in attrs(retry)
+
+
+def test_a_tracer_set_up_after_the_meter_is_still_found() -> None:
+    code = GLOBAL_SDK.replace(
+        "guard = emitguard.guard(manager)",
+        "from opentelemetry.sdk.metrics import MeterProvider\n"
+        "    guard = emitguard.guard(manager, meter_provider=MeterProvider())",
+    )
+    assert run_script(code) == {"before": True, "after": True, "spans": [SEND]}
+
+
+async def test_an_entry_with_no_send_gets_a_fail_span(
+    traced: Callable[..., Guard], exporter: InMemorySpanExporter, sink: Sink
+) -> None:
+    class DataOnly(emitguard.MemoryOutbox):
+        """A backend that stores data only (no way to call the original send)."""
+
+        async def push(self, entry: emitguard.OutboxEntry) -> None:
+            entry.deliver = None
+            await super().push(entry)
+
+    guard = traced(outbox=DataOnly())
+    guard.mark_disconnected("t1")
+    assert await guard.send("t1", event("a"), sink.for_thread("t1"))
+    guard.mark_connected("t1")
+    assert await guard.drain(0.5) == 0
+    send, fail = finished(exporter)
+    assert fail.name == "fail threads/{thread_id}"
+    assert attrs(fail)["messaging.operation.type"] == "settle"
+    assert attrs(fail)["emitguard.outcome"] == "failed"
+    assert attrs(fail)["emitguard.reason"] == "no send to deliver it with"
+    assert send.context is not None
+    assert [link.context.span_id for link in fail.links] == [send.context.span_id]
+
+
+async def test_a_send_cancelled_during_a_fast_delivery_is_buffered_under_its_span(
+    traced: Callable[..., Guard], exporter: InMemorySpanExporter, sink: Sink
+) -> None:
+    gate = asyncio.Event()
+
+    async def stuck(message: Any) -> bool:
+        await gate.wait()
+        return True
+
+    guard = traced()
+    guard.mark_connected("t1")
+    sending = asyncio.create_task(guard.send("t1", event("a"), stuck))
+    await settle()
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    [span] = finished(exporter)
+    assert attrs(span)["emitguard.outcome"] == "buffered"
+    assert attrs(span)["emitguard.reason"] == "sender cancelled during send"
+    assert attrs(span)["messaging.message.id"] == "1"
+
+
+async def test_a_send_queued_behind_a_fast_delivery_follows_it(
+    traced: Callable[..., Guard], exporter: InMemorySpanExporter
+) -> None:
+    gate = asyncio.Event()
+    got: list[str] = []
+
+    async def deliver(message: Any) -> bool:
+        if message["type"] == "first":
+            await gate.wait()
+        got.append(message["type"])
+        return True
+
+    guard = traced()
+    guard.mark_connected("t1")
+    first = asyncio.create_task(guard.send("t1", event("first"), deliver))
+    await settle()
+    second = asyncio.create_task(guard.send("t1", event("second"), deliver))
+    await settle()
+    gate.set()
+    assert await asyncio.gather(first, second) == [True, True]
+    assert got == ["first", "second"]
+    assert sorted(
+        (attrs(s)["messaging.message.id"], attrs(s)["emitguard.outcome"])
+        for s in finished(exporter)
+    ) == [("1", "delivered"), ("2", "delivered")]
+
+
+class BrokenOutbox(emitguard.MemoryOutbox):
+    """An outbox whose storage fails: an emitguard fault, not the host's."""
+
+    async def push(self, entry: emitguard.OutboxEntry) -> None:
+        raise RuntimeError("disk full")
+
+
+async def test_an_internal_fault_is_a_failed_span_not_an_exception(
+    traced: Callable[..., Guard], exporter: InMemorySpanExporter, sink: Sink
+) -> None:
+    guard = traced(outbox=BrokenOutbox())
+    guard.mark_disconnected("t1")
+    assert await guard.send("t1", event("a"), sink.for_thread("t1")) is False
+    assert guard.send_sync("t1", event("b"), lambda message: True) is False
+    spans = finished(exporter)
+    assert [attrs(s)["emitguard.outcome"] for s in spans] == ["failed", "failed"]
+    for span in spans:
+        assert attrs(span)["emitguard.reason"] == (
+            "emitguard internal error: RuntimeError: disk full"
+        )
+        assert span.status.status_code is StatusCode.ERROR

@@ -278,6 +278,7 @@ class OutboxFlow(GuardCore):
         ttl = self.options.ttl
         assert ttl is not None
         interval = min(max(ttl / 4, 0.01), 1.0)
+        self._tel.isolate()
         while self._total:
             await asyncio.sleep(interval)
             await self._expire()

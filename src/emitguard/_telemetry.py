@@ -44,8 +44,9 @@ __all__ = ["FLUSH", "REPLAY", "SEND", "Scope", "Telemetry"]
 log = logging.getLogger("emitguard")
 
 VERSION = "0.1.0"
-SEND, FLUSH, REPLAY, EXPIRE, DROP = "send", "flush", "replay", "expire", "drop"
-_SETTLE = {Outcome.EXPIRED: EXPIRE, Outcome.DROPPED: DROP, Outcome.FAILED: DROP}
+SEND, FLUSH, REPLAY = "send", "flush", "replay"
+EXPIRE, DROP, FAIL = "expire", "drop", "fail"
+_SETTLE = {Outcome.EXPIRED: EXPIRE, Outcome.DROPPED: DROP, Outcome.FAILED: FAIL}
 
 SYSTEM = "messaging.system"
 OPERATION_TYPE = "messaging.operation.type"
@@ -115,8 +116,11 @@ class Telemetry:
         "_core",
         "_hook_failed",
         "_meter_provider",
+        "_metrics",
         "_names",
+        "_traced_by",
         "_tracer_provider",
+        "_tracing",
         "active",
         "counts",
         "guard_name",
@@ -138,41 +142,43 @@ class Telemetry:
         self._meter_provider = meter_provider
         self.guard_name = core.name
         self.template = options.destination_template
-        self._names = {op: f"{op} {self.template}" for op in (SEND, FLUSH, REPLAY, EXPIRE, DROP)}
+        self._names = {
+            op: f"{op} {self.template}" for op in (SEND, FLUSH, REPLAY, EXPIRE, DROP, FAIL)
+        }
         self.span_hook: SpanHook | None = options.span_hook
         self._hook_failed = False
+        self._tracing, self._metrics = options.tracing, options.metrics
+        self._traced_by: TracerProvider | None = None
         self.tracer: Tracer | None = None
         self.instruments: Instruments | None = None
         self.active = False
-        """Whether spans or metrics are recorded at all; when not, sends skip this module."""
+        """Whether spans or metrics are recorded at all; when not, sends skip this module.
+        Set by :meth:`refresh`, which the guard calls once it is built."""
         self.counts: dict[tuple[Outcome, str | None], int] = {}
         """Records by (outcome, event type), read by the ``emitguard.emissions`` counter."""
-        self.refresh()
 
     # ------------------------------------------------------------- providers
 
     def refresh(self) -> bool:
         """Look for an SDK behind the providers again; True when anything changed."""
-        options = self._core_options()
-        tracer = self._find_tracer() if options is not None and options.tracing else None
-        meter = (
-            meter_of(self._meter_provider, VERSION)
-            if options is not None and options.metrics
-            else None
-        )
+        tracer = self._find_tracer() if self._tracing else None
+        meter = meter_of(self._meter_provider, VERSION) if self._metrics else None
         instruments = Instruments.of(meter) if meter is not None else None
-        if instruments is not None:
-            instruments.members.add(self)
         changed = tracer is not self.tracer or instruments is not self.instruments
         if self.instruments is not None and instruments is not self.instruments:
             self.instruments.members.discard(self)
+        if instruments is not None:
+            instruments.members.add(self)
         self.tracer, self.instruments = tracer, instruments
         self.active = tracer is not None or instruments is not None
         return changed
 
-    def _core_options(self) -> Any:
-        core = self._core()
-        return core.options if core is not None else None
+    @property
+    def complete(self) -> bool:
+        """Whether everything the options ask for was found (nothing left to look for)."""
+        return (self.tracer is not None or not self._tracing) and (
+            self.instruments is not None or not self._metrics
+        )
 
     def _find_tracer(self) -> Tracer | None:
         provider = self._tracer_provider
@@ -180,8 +186,19 @@ class Telemetry:
             provider = trace.get_tracer_provider()
         if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):
             return None
+        if provider is self._traced_by and self.tracer is not None:
+            return self.tracer
         tracer = provider.get_tracer("emitguard", VERSION)
-        return None if isinstance(tracer, NoOpTracer) else tracer
+        if isinstance(tracer, NoOpTracer):
+            return None
+        self._traced_by = provider
+        return tracer
+
+    def isolate(self) -> None:
+        """Run the current task under an empty OpenTelemetry context: a background task
+        (the TTL sweep) must not inherit the span, or the suppression, of the send that
+        happened to start it."""
+        otel_context.attach(otel_context.Context())
 
     @property
     def reporting(self) -> bool:
@@ -213,7 +230,7 @@ class Telemetry:
         tracer = self.tracer
         if tracer is None or otel_context.get_value(_SUPPRESS_INSTRUMENTATION_KEY):
             return None
-        settle = operation in (EXPIRE, DROP)
+        settle = operation in (EXPIRE, DROP, FAIL)
         attributes: dict[str, str] = {
             SYSTEM: "emitguard",
             OPERATION_TYPE: "settle" if settle else "send",
@@ -259,18 +276,27 @@ class Telemetry:
             self.instruments.barrier_wait.record(
                 record.waited, {GUARD: self.guard_name, OUTCOME: record.outcome.value}
             )
-        self.finish(scope)
+        if scope.span is not None:
+            self.end(scope.span, scope.record, scope.error, send=True)
 
     def finish(self, scope: Scope) -> None:
         """End the scope's span with the outcome the step concluded with."""
         if scope.span is not None:
             self.end(scope.span, scope.record, scope.error)
 
-    def end(self, span: Span, record: Emission | None, error: BaseException | None) -> None:
-        """Set the outcome attributes (when recording) and end the span."""
+    def end(
+        self,
+        span: Span,
+        record: Emission | None,
+        error: BaseException | None,
+        *,
+        send: bool = False,
+    ) -> None:
+        """Set the outcome attributes (when recording) and end the span. ``send``: the
+        emission's own span, which carries its barrier wait."""
         try:
             if record is not None and span.is_recording():
-                _describe(span, record, error)
+                _describe(span, record, error, send)
         except Exception:
             log.exception("emitguard could not describe the span of %s", record)
         finally:
@@ -327,12 +353,12 @@ class Telemetry:
             self.counts[key] = self.counts.get(key, 0) + 1
 
 
-def _describe(span: Span, record: Emission, error: BaseException | None) -> None:
+def _describe(span: Span, record: Emission, error: BaseException | None, send: bool) -> None:
     outcome = record.outcome
     attributes: dict[str, str | float] = {OUTCOME: outcome.value}
     if record.seq:
         attributes[MESSAGE_ID] = str(record.seq)
-    if record.waited and not record.buffered_for:  # the send's span, not a flush's
+    if send and record.waited:
         attributes[BARRIER_WAIT] = record.waited
     if record.buffered_for:
         attributes[BUFFER_DURATION] = record.buffered_for

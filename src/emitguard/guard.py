@@ -337,7 +337,7 @@ class Guard(OutboxFlow):
             slot.owners.add(key)
             self._owners.setdefault(key, set()).add(thread_id)
         slot.timed_out = False
-        if not self._tel.active and self._tel.refresh():  # an SDK configured since
+        if not self._tel.complete and self._tel.refresh():  # an SDK configured since
             self._replan()
         self._set_state(slot, CONNECTED, None)
         slot.wake_ready(True)

@@ -53,8 +53,10 @@ class GuardOptions:
     destination_template: str = "threads/{thread_id}"
     """``messaging.destination.template`` of spans, and the second word of their names."""
     span_hook: Callable[..., None] | None = None
-    """``span_hook(span, thread_id, message)``, called on each recording send span before the
-    send; add attributes there. Its exceptions are logged and the emission goes on."""
+    """``span_hook(span, thread_id, message)``, called on each recording send span; add
+    attributes there. It runs before the original send when the span is held open around it,
+    and just before the span ends for a straight delivery (whose span is made after the call).
+    Its exceptions are logged and the emission goes on."""
 
     def __post_init__(self) -> None:
         _number("ready_timeout", self.ready_timeout, allow_zero=True)
