@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("emitguard")
 
 CONNECTED = ConnectionState.CONNECTED
+_DELIVERED = frozenset({Outcome.DELIVERED, Outcome.FLUSHED})
 _names = itertools.count(1)
 _live: weakref.WeakSet[GuardCore] = weakref.WeakSet()
 
@@ -75,6 +76,12 @@ class GuardCore:
         self._hot: dict[str, ThreadSlot] = self._threads
         """The threads the hot path may serve: all of them, or none while every delivery
         needs a record, a span or a count (someone listens, seqs are stamped, telemetry)."""
+        self._history = self.options.history
+        self._confirm: float | None = None
+        """Seconds to wait for a transport to confirm a delivery; ``None``: no confirmation."""
+        self._plain = True
+        """No record needed per delivery: nobody listens, no stamping, no history and no
+        transport confirmation (the hot path and the traced fast path need it)."""
         self._tel = Telemetry(self, tracer_provider, meter_provider)
         hooks.load_entry_points()
         _live.add(self)
@@ -88,8 +95,13 @@ class GuardCore:
         self._replan()
 
     def _replan(self) -> None:
-        plain = self._stamp is None and not self._dispatch.listening and not self._tel.active
-        self._hot = self._threads if plain else {}
+        self._plain = (
+            self._stamp is None
+            and not self._dispatch.listening
+            and not self._history
+            and self._confirm is None
+        )
+        self._hot = self._threads if self._plain and not self._tel.active else {}
 
     # --------------------------------------------------------------- threads
 
@@ -98,6 +110,12 @@ class GuardCore:
         if slot is None:
             slot = self._threads[thread_id] = ThreadSlot(thread_id)
         return slot
+
+    def _own(self, slot: ThreadSlot, owner: object) -> None:
+        """Record that ``owner`` (a user, a connection) carries the thread."""
+        key = owner_key(owner)
+        slot.owners.add(key)
+        self._owners.setdefault(key, set()).add(slot.thread_id)
 
     def _set_state(self, slot: ThreadSlot, new: ConnectionState, note: str | None) -> None:
         slot.note = note
@@ -236,6 +254,10 @@ class GuardCore:
     def _note(self, record: Emission) -> Emission:
         """Count a record and hand it to the listeners."""
         self._counts[record.outcome] += 1
+        if self._history and record.outcome in _DELIVERED and record.seq:
+            slot = self._threads.get(record.thread_id)
+            if slot is not None:
+                slot.remember(record.seq, record.message, self._history)
         if self._tel.active:
             self._tel.noted(record)
         if self._dispatch.listening:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+from emitguard import transport
 from emitguard._core import CONNECTED, GuardCore, log
 from emitguard._line import ThreadSlot
 from emitguard._telemetry import FLUSH, Scope
@@ -19,9 +20,17 @@ class OutboxFlow(GuardCore):
     """Moves emissions into the outbox and out of it again, always in ``seq`` order."""
 
     async def _attempt(
-        self, deliver: Any, message: Any, is_async: bool
+        self, deliver: Any, message: Any, is_async: bool, slot: ThreadSlot | None = None
     ) -> tuple[Verdict, str | None]:
-        """Call the original send once; cancellation propagates."""
+        """Call the original send once; cancellation propagates.
+
+        While deliveries are confirmed, an async send that reports success counts only when
+        a transport saw a frame leave (:mod:`emitguard.transport`); the connections that
+        carried it then own the thread.
+        """
+        probe = token = None
+        if self._confirm is not None and is_async:
+            probe, token = transport.open_probe()
         try:
             result = deliver(message)
             if is_async:
@@ -30,19 +39,33 @@ class OutboxFlow(GuardCore):
             if self._tel.active:
                 self._tel.failed_attempt(exc)
             return judge_error(exc, self._poison)
-        return judge(result)
+        finally:
+            if token is not None:
+                transport.close_probe(token)
+        verdict, why = judge(result)
+        if probe is not None and verdict is Verdict.OK:
+            if not await probe.wait(self._confirm or 0.0):
+                return Verdict.RETRY, UNCONFIRMED
+            if slot is not None:
+                for owner in probe.owners:
+                    self._own(slot, owner)
+        return verdict, why
 
-    async def _attempt_entry(self, entry: OutboxEntry) -> tuple[Verdict, str | None, Scope | None]:
+    async def _attempt_entry(
+        self, slot: ThreadSlot, entry: OutboxEntry
+    ) -> tuple[Verdict, str | None, Scope | None]:
         """Deliver a buffered entry once, under a flush span linked to the one that buffered
         it (when telemetry is active)."""
         tel = self._tel
         if not tel.active:
-            return (*await self._attempt(entry.deliver, entry.message, entry.is_async), None)
+            return (*await self._attempt(entry.deliver, entry.message, entry.is_async, slot), None)
         span = tel.start(FLUSH, entry.thread_id, entry.seq, entry.event_type, entry.link)
         scope = Scope(span)
         try:
             with scope:
-                verdict, why = await self._attempt(entry.deliver, entry.message, entry.is_async)
+                verdict, why = await self._attempt(
+                    entry.deliver, entry.message, entry.is_async, slot
+                )
         except BaseException:
             tel.finish(scope)
             raise
@@ -129,7 +152,7 @@ class OutboxFlow(GuardCore):
             key = (entry.thread_id, entry.seq)
             self._in_flight.add(key)  # not evicted while the send runs
             try:
-                verdict, why, scope = await self._attempt_entry(entry)
+                verdict, why, scope = await self._attempt_entry(slot, entry)
             finally:
                 self._in_flight.discard(key)
             if verdict is Verdict.RETRY:
@@ -282,6 +305,12 @@ class OutboxFlow(GuardCore):
         while self._total:
             await asyncio.sleep(interval)
             await self._expire()
+
+
+UNCONFIRMED = (
+    "unconfirmed: the send reported success but no frame left through the transport "
+    "(a shortcut that returns True without sending?)"
+)
 
 
 def expired_reason(ttl: float) -> str:

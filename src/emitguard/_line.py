@@ -20,6 +20,8 @@ class ThreadSlot:
         "backlog",
         "busy",
         "flush_pending",
+        "history",
+        "history_floor",
         "note",
         "owners",
         "queue",
@@ -50,6 +52,19 @@ class ThreadSlot:
         self.note: str | None = None
         """Why the thread is in its state (for DISCONNECTED and ERROR)."""
         self.owners: set[object] = set()
+        self.history: deque[tuple[int, object]] | None = None
+        """The last delivered (seq, message) pairs, oldest first (the ``history`` option)."""
+        self.history_floor = 0
+        """The highest seq that fell out of ``history``."""
+
+    def remember(self, seq: int, message: object, size: int) -> None:
+        """Keep a delivered message in the replay window of ``size`` messages."""
+        history = self.history
+        if history is None:
+            history = self.history = deque()
+        history.append((seq, message))
+        while len(history) > size:
+            self.history_floor = max(self.history_floor, history.popleft()[0])
 
     def __repr__(self) -> str:
         return f"thread {self.thread_id}"

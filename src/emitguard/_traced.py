@@ -52,8 +52,7 @@ async def traced_send(
         or slot.backlog
         or message is None
         or message is MISSING
-        or guard._stamp is not None
-        or guard._dispatch.listening
+        or not guard._plain
     ):
         return await _send_general(guard, thread_id, message, Call(fn, args, kwargs, rebind))
     started = time.time_ns()

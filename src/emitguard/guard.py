@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from emitguard import hooks
+from emitguard import hooks, transport
 from emitguard._core import CONNECTED, check_thread_id, live_guards, owner_key, thread_name
 from emitguard._flow import OutboxFlow
 from emitguard._hotpath import make_sender, make_sync_sender
@@ -29,10 +30,24 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-__all__ = ["GUARD_ARGUMENTS", "Guard", "GuardStats", "live_guards"]
+__all__ = ["GUARD_ARGUMENTS", "Guard", "GuardStats", "Replay", "live_guards"]
 
 GUARD_ARGUMENTS = ("outbox", "name", "tracer_provider", "meter_provider")
 """Arguments of :class:`Guard` that are not :class:`~emitguard.options.GuardOptions`."""
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What :meth:`Guard.replay` found for a reconnecting client."""
+
+    messages: list[tuple[int, Any]]
+    """The (seq, message) pairs delivered after the client's last seq, oldest first."""
+    complete: bool
+    """False when the window no longer holds everything the client missed (or the client
+    claims a seq the guard never gave): the client must resynchronise."""
+    latest: int
+    """The thread's latest seq."""
+
 
 AsyncDeliver = Callable[[Any], Awaitable[Any]]
 SyncDeliver = Callable[[Any], Any]
@@ -263,7 +278,7 @@ class Guard(OutboxFlow):
                 reason = self._unready_reason(slot)
             if slot.state is CONNECTED:
                 stage, attempts = "during send", 1
-                verdict, why = await self._attempt(call, message, True)
+                verdict, why = await self._attempt(call, message, True, slot)
                 stage, reason = None, why or ""
                 if verdict is not Verdict.RETRY:
                     outcome = Outcome.DELIVERED if verdict is Verdict.OK else Outcome.FAILED
@@ -327,15 +342,18 @@ class Guard(OutboxFlow):
         """The thread is associated with a live connection (of ``owner``, if given).
 
         Wakes every send waiting on the barrier and flushes the outbox before newer sends.
+        Called while a transport adapter serves a connection (:func:`transport.serving`),
+        that connection is the owner, whatever ``owner`` says.
         """
         check_thread_id(thread_id)
+        serving = transport.serving_owner()
+        if serving is not None:  # a transport adapter serves a connection here: it owns it
+            owner = serving
         if self._elsewhere(self.mark_connected, thread_id, owner):
             return
         slot = self._slot(thread_id)
         if owner is not None:
-            key = owner_key(owner)
-            slot.owners.add(key)
-            self._owners.setdefault(key, set()).add(thread_id)
+            self._own(slot, owner)
         slot.timed_out = False
         if not self._tel.complete and self._tel.refresh():  # an SDK configured since
             self._replan()
@@ -387,6 +405,51 @@ class Guard(OutboxFlow):
                 self._set_state(slot, ConnectionState.DISCONNECTED, note)
                 gone.append(thread_id)
         return gone
+
+    def confirm_deliveries(self, timeout: float | None = 0.05) -> None:
+        """Take an async send as delivered only when a transport adapter saw a frame leave
+        (waiting up to ``timeout`` seconds for frames sent by tasks the send spawned);
+        ``None`` stops confirming. The Starlette middleware turns this on."""
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0
+        ):
+            raise ValueError(f"timeout must be >= 0 seconds or None, got {timeout!r}")
+        self._confirm = None if timeout is None else float(timeout)
+        self._replan()
+
+    def replay(self, thread_id: str, after: int) -> Replay:
+        """What a client that last saw ``seq == after`` missed of the thread's delivered
+        messages, from the replay window (option ``history``). Call it inside :meth:`hold`
+        so that no send slips in between the replay and the client's attachment."""
+        check_thread_id(thread_id)
+        if not self._history:
+            raise ValueError("replay() needs a replay window: build the guard with history=N")
+        slot = self._threads.get(thread_id)
+        if slot is None:
+            return Replay([], complete=after == 0, latest=0)
+        missed = [(seq, message) for seq, message in slot.history or () if seq > after]
+        complete = slot.history_floor <= after <= slot.seq
+        return Replay(missed, complete=complete, latest=slot.seq)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, thread_id: str) -> AsyncIterator[None]:
+        """Hold the thread's line: no delivery or flush of the thread runs meanwhile (sends
+        wait their turn, in order). For replaying to a client before it goes live."""
+        check_thread_id(thread_id)
+        slot = self._slot(thread_id)
+        self._loop = asyncio.get_running_loop()
+        ticket = slot.take()
+        if ticket is not None:
+            try:
+                await ticket
+            except asyncio.CancelledError:
+                if ticket.done() and not ticket.cancelled():
+                    self._leave(slot)
+                raise
+        try:
+            yield
+        finally:
+            self._leave(slot)
 
     @property
     def telemetry_active(self) -> bool:

@@ -46,6 +46,9 @@ class GuardOptions:
     """Exceptions from the original send that mean the message itself cannot be sent (it does
     not serialise, the call is wrong): such an event is FAILED at once instead of being kept
     and retried, and the thread keeps its state."""
+    history: int = 0
+    """Delivered messages kept per thread for :meth:`~emitguard.Guard.replay` (a client that
+    reconnects gets what it missed); 0 keeps none."""
     tracing: bool = True
     """Emit OpenTelemetry spans when a tracer provider with an SDK is configured."""
     metrics: bool = True
@@ -63,6 +66,8 @@ class GuardOptions:
         _choice("on_unready", self.on_unready, UNREADY_POLICIES)
         _count("max_per_thread", self.max_per_thread)
         _count("max_total", self.max_total)
+        if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 0:
+            raise ValueError(f"history must be an int >= 0, got {self.history!r}")
         if self.ttl is not None:
             _number("ttl", self.ttl, allow_zero=False)
         _choice("overflow", self.overflow, OVERFLOW_POLICIES)

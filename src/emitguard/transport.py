@@ -1,0 +1,88 @@
+"""For adapters that see the wire: delivery confirmation and the connection being served.
+
+The engine knows no framework. A transport adapter (the Starlette middleware, for one) tells it
+two things through context variables:
+
+- :func:`frame_sent`, for every data frame that really left through the transport. While a
+  guard confirms deliveries (:meth:`emitguard.Guard.confirm_deliveries`), it opens a
+  :class:`Probe` around each call of the original send; a send that reports success while no
+  frame left is not taken as delivered. Tasks the manager spawns inherit the probe.
+- :func:`serving`, around the code that serves one connection: an association made there is
+  owned by that connection, so the thread is disconnected when the connection goes (unless
+  another live connection carries it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar, Token
+
+__all__ = ["Probe", "frame_sent", "serving", "serving_owner"]
+
+
+class Probe:
+    """Counts the frames that leave while one original send runs (and after, for frames sent
+    by tasks it spawned)."""
+
+    __slots__ = ("_waiter", "frames", "owners")
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.owners: list[object] = []
+        """The connection of each frame, when the transport named it."""
+        self._waiter: asyncio.Future[None] | None = None
+
+    def sent(self, owner: object = None) -> None:
+        self.frames += 1
+        if owner is not None:
+            self.owners.append(owner)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a first frame; True when one left."""
+        if self.frames or timeout <= 0:
+            return self.frames > 0
+        self._waiter = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self._waiter, timeout)
+        return self.frames > 0
+
+
+_probe: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
+_serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
+
+
+def frame_sent(owner: object = None) -> None:
+    """A data frame left through the transport (of connection ``owner``, if known)."""
+    probe = _probe.get()
+    if probe is not None:
+        probe.sent(owner)
+
+
+def open_probe() -> tuple[Probe, Token[Probe | None]]:
+    """Start counting frames in the current context (the engine calls this)."""
+    probe = Probe()
+    return probe, _probe.set(probe)
+
+
+def close_probe(token: Token[Probe | None]) -> None:
+    _probe.reset(token)
+
+
+@contextlib.contextmanager
+def serving(owner: object) -> Iterator[None]:
+    """Associations made inside are owned by ``owner`` (a connection)."""
+    token = _serving.set(owner)
+    try:
+        yield
+    finally:
+        _serving.reset(token)
+
+
+def serving_owner() -> object:
+    """The connection being served here, or ``None``."""
+    return _serving.get()
