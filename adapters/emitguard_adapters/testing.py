@@ -1,0 +1,148 @@
+"""Real-socket test parts: a legacy manager over Starlette websockets, its app, and a server.
+
+``LegacyWebSocketManager`` behaves like the manager of the incident report, on real
+connections: the agent's first emit can run before ``update_connection_thread``, and then
+``Cannot deliver message for thread ... no connections`` is logged and the event is lost.
+``serve(app)`` runs an ASGI app under uvicorn on a free loopback port, in the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+__all__ = ["LegacyWebSocketManager", "free_port", "legacy_app", "serve"]
+
+log = logging.getLogger("emitguard.testing.legacy")
+
+
+class LegacyWebSocketManager:
+    """The report's connection manager on real websockets (the code emitguard guards)."""
+
+    def __init__(self, *, testing: bool = False) -> None:
+        self.testing = testing
+        """The report's TESTING shortcut: ``send_to_thread`` returns True and sends nothing."""
+        self._sockets: dict[str, tuple[str, WebSocket]] = {}
+        self._thread_of: dict[str, str] = {}
+        self._ids = itertools.count(1)
+        self.lost = 0
+
+    def connect(self, websocket: WebSocket, user_id: str) -> str:
+        connection_id = f"conn-{next(self._ids)}"
+        self._sockets[connection_id] = (user_id, websocket)
+        return connection_id
+
+    def disconnect(self, connection_id: str) -> None:
+        self._sockets.pop(connection_id, None)
+        self._thread_of.pop(connection_id, None)
+
+    def update_connection_thread(self, user_id: str, thread_id: str) -> bool:
+        found = [cid for cid, (user, _) in self._sockets.items() if user == user_id]
+        if not found:
+            log.warning("No WebSocket connections found for user %s", user_id)
+            return False
+        for connection_id in found:
+            self._thread_of[connection_id] = thread_id
+        return True
+
+    async def send_to_thread(self, thread_id: str, message: Any) -> bool:
+        if self.testing:
+            return True
+        targets = [cid for cid, thread in self._thread_of.items() if thread == thread_id]
+        if not targets:
+            log.warning(
+                "Cannot deliver message for thread %s - no connections (active connections: %d)",
+                thread_id,
+                len(self._sockets),
+            )
+            self.lost += 1
+            return False
+        delivered = 0
+        for connection_id in targets:
+            _, websocket = self._sockets[connection_id]
+            try:
+                await websocket.send_json(message)
+            except Exception as exc:  # the connection is gone
+                log.warning("Send to %s failed: %r", connection_id, exc)
+                self.disconnect(connection_id)
+            else:
+                delivered += 1
+        if not delivered:
+            self.lost += 1
+        return delivered > 0
+
+
+Agent = Callable[[LegacyWebSocketManager, str, dict[str, Any]], Coroutine[Any, Any, None]]
+
+
+async def count_agent(
+    manager: LegacyWebSocketManager, thread_id: str, start: dict[str, Any]
+) -> None:
+    """Emit ``start["events"]`` numbered events to the thread, ``start["gap"]`` seconds apart."""
+    for n in range(int(start.get("events", 5))):
+        await manager.send_to_thread(thread_id, {"type": "agent_update", "n": n})
+        await asyncio.sleep(float(start.get("gap", 0.0)))
+    await manager.send_to_thread(thread_id, {"type": "agent_completed"})
+
+
+def legacy_app(
+    manager: LegacyWebSocketManager, *, lag: float = 0.02, agent: Agent = count_agent
+) -> Starlette:
+    """A ``/ws`` endpoint as in the report: the client's first message names its user and
+    thread and starts an agent run; the association follows ``lag`` seconds later (the agent
+    does not wait for it). Later messages start more runs on the same thread."""
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        first = await websocket.receive_json()
+        user_id, thread_id = str(first["user_id"]), str(first["thread_id"])
+        connection_id = manager.connect(websocket, user_id)
+        runs = {asyncio.create_task(agent(manager, thread_id, first))}
+        try:
+            await asyncio.sleep(lag)
+            manager.update_connection_thread(user_id, thread_id)
+            while True:
+                runs.add(
+                    asyncio.create_task(agent(manager, thread_id, await websocket.receive_json()))
+                )
+        except WebSocketDisconnect:
+            pass
+        finally:
+            manager.disconnect(connection_id)
+
+    return Starlette(routes=[WebSocketRoute("/ws", endpoint)])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def serve(app: Any) -> AsyncIterator[str]:
+    """Run ``app`` under uvicorn on 127.0.0.1 in the running loop; yields ``host:port``."""
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError("uvicorn stopped before it started")
+            await asyncio.sleep(0.005)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

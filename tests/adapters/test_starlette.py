@@ -1,0 +1,276 @@
+"""The Starlette adapter over real sockets: uvicorn on loopback, clients from ``websockets``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+import emitguard
+from conftest import Records
+from emitguard import Guard, Outcome
+from emitguard_adapters.starlette import EmitGuardMiddleware, ThreadHub, allow_any
+from emitguard_adapters.testing import LegacyWebSocketManager, legacy_app, serve
+
+
+async def read_until(ws: ClientConnection, last: str, timeout: float = 3.0) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while True:
+        message = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        got.append(message)
+        if message["type"] == last:
+            return got
+
+
+async def agent_run(address: str, thread_id: str, events: int) -> list[dict[str, Any]]:
+    async with connect(f"ws://{address}/ws") as ws:
+        start = {"user_id": f"user-{thread_id}", "thread_id": thread_id, "events": events}
+        await ws.send(json.dumps({**start, "gap": 0.005}))
+        return await read_until(ws, "agent_completed")
+
+
+EXPECTED = [{"type": "agent_update", "n": n} for n in range(6)] + [{"type": "agent_completed"}]
+
+
+# ------------------------------------------------------------------ legacy managers
+
+
+async def test_unguarded_the_report_race_loses_the_first_events() -> None:
+    manager = LegacyWebSocketManager()
+    async with serve(legacy_app(manager, lag=0.02)) as address:
+        got = await agent_run(address, "t1", 6)
+    assert manager.lost >= 1
+    assert got[-1] == {"type": "agent_completed"}
+    assert got[0] != EXPECTED[0]
+
+
+async def test_guarded_with_the_middleware_every_event_arrives_in_order(records: Records) -> None:
+    manager = LegacyWebSocketManager()
+    guard = emitguard.guard(manager)
+    records.guard = guard
+    try:
+        app = EmitGuardMiddleware(legacy_app(manager, lag=0.02), guard=guard)
+        async with serve(app) as address:
+            runs = await asyncio.gather(*(agent_run(address, f"t{i}", 6) for i in range(5)))
+        assert all(got == EXPECTED for got in runs)
+        assert manager.lost == 0
+        assert {r.outcome for r in records.items} == {Outcome.DELIVERED}
+        assert len(records.items) == 5 * len(EXPECTED)
+    finally:
+        emitguard.unguard(manager)
+
+
+async def test_a_manager_that_lies_about_success_is_caught(records: Records) -> None:
+    manager = LegacyWebSocketManager(testing=True)
+    guard = emitguard.guard(manager, ttl=None)
+    records.guard = guard
+    try:
+        app = EmitGuardMiddleware(legacy_app(manager, lag=0.0), guard=guard, confirm_timeout=0.01)
+        async with serve(app) as address, connect(f"ws://{address}/ws") as ws:
+            await ws.send(json.dumps({"user_id": "u1", "thread_id": "t1", "events": 2}))
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(ws.recv(), 0.3)
+        assert Outcome.DELIVERED not in {r.outcome for r in records.items}
+        buffered = records.of(Outcome.BUFFERED)
+        assert buffered
+        assert buffered[0].reason is not None
+        assert buffered[0].reason.startswith("unconfirmed: the send reported success")
+        assert guard.stats().pending == {"t1": 3}
+    finally:
+        emitguard.unguard(manager)
+
+
+async def test_a_closed_connection_disconnects_its_threads() -> None:
+    manager = LegacyWebSocketManager()
+    guard = emitguard.guard(manager)
+    try:
+        app = EmitGuardMiddleware(legacy_app(manager, lag=0.0), guard=guard)
+        async with serve(app) as address:
+            assert len(await agent_run(address, "t1", 1)) == 2
+            for _ in range(100):
+                if guard.state("t1") is emitguard.ConnectionState.DISCONNECTED:
+                    break
+                await asyncio.sleep(0.01)
+            assert guard.state("t1") is emitguard.ConnectionState.DISCONNECTED
+            assert await manager.send_to_thread("t1", {"type": "late"}) is True  # kept
+            assert guard.stats().pending == {"t1": 1}
+    finally:
+        emitguard.unguard(manager)
+
+
+async def test_http_and_other_websockets_pass_through_untouched() -> None:
+    async def hello(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("hello", headers={"x-app": "1"})
+
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.send_text(await websocket.receive_text())
+        except WebSocketDisconnect:
+            pass
+
+    guard = Guard()
+    app = Starlette(routes=[Route("/hello", hello), WebSocketRoute("/echo", echo)])
+    async with serve(EmitGuardMiddleware(app, guard=guard)) as address:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://{address}/hello")
+        assert (response.status_code, response.text) == (200, "hello")
+        assert response.headers["x-app"] == "1"
+        async with connect(f"ws://{address}/echo") as ws:
+            await ws.send("ping")
+            assert await ws.recv() == "ping"
+    assert list(guard.threads()) == []
+    assert sum(guard.stats().outcomes.values()) == 0
+
+
+# ---------------------------------------------------------------------- the hub
+
+
+def hub_app(hub: ThreadHub) -> Starlette:
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        hello = await websocket.receive_json()
+        if not await hub.attach(websocket, hello["thread_id"], hello.get("last_seq")):
+            return
+        try:
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            await hub.detach(websocket)
+
+    return Starlette(routes=[WebSocketRoute("/hub", endpoint)])
+
+
+@pytest.fixture
+async def hub_server() -> AsyncIterator[tuple[ThreadHub, str]]:
+    hub = ThreadHub(authorize=allow_any, history=100)
+    async with serve(EmitGuardMiddleware(hub_app(hub), guard=hub.guard)) as address:
+        yield hub, address
+
+
+async def attach(address: str, thread_id: str, last_seq: int | None = None) -> ClientConnection:
+    ws = await connect(f"ws://{address}/hub")
+    await ws.send(json.dumps({"thread_id": thread_id, "last_seq": last_seq}))
+    return ws
+
+
+async def test_a_killed_client_reconnects_and_gets_every_event_once_in_order(
+    hub_server: tuple[ThreadHub, str],
+) -> None:
+    hub, address = hub_server
+    total = 60
+
+    async def agent() -> None:
+        for n in range(total):
+            await hub.send("t1", {"type": "agent_update", "n": n})
+            await asyncio.sleep(0.002)
+
+    ws = await attach(address, "t1")
+    for _ in range(100):
+        if hub.connections("t1"):
+            break
+        await asyncio.sleep(0.005)
+    running = asyncio.create_task(agent())
+    seen: dict[int, dict[str, Any]] = {}
+    order: list[int] = []
+    while len(order) < 10:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 3))
+        seen.setdefault(message["seq"], message)
+        order.append(message["seq"])
+    ws.transport.abort()  # killed: no close handshake
+    await asyncio.sleep(0.05)
+    ws = await attach(address, "t1", last_seq=max(seen))
+    await running
+    while max(seen) < total:
+        message = json.loads(await asyncio.wait_for(ws.recv(), 3))
+        assert message["type"] != "resync"
+        if message["seq"] not in seen:
+            seen[message["seq"]] = message
+            order.append(message["seq"])
+    await ws.close()
+    assert sorted(seen) == list(range(1, total + 1))
+    assert order == sorted(order)  # after dropping duplicates, nothing came out of order
+    assert [seen[seq]["n"] for seq in sorted(seen)] == list(range(total))
+
+
+async def test_a_client_beyond_the_window_is_told_to_resync() -> None:
+    hub = ThreadHub(authorize=allow_any, history=3)
+    async with serve(EmitGuardMiddleware(hub_app(hub), guard=hub.guard)) as address:
+        first = await attach(address, "t1")
+        for _ in range(100):
+            if hub.connections("t1"):
+                break
+            await asyncio.sleep(0.005)
+        for n in range(10):
+            assert await hub.send("t1", {"type": "agent_update", "n": n})
+        late = await attach(address, "t1", last_seq=2)
+        resync = json.loads(await asyncio.wait_for(late.recv(), 3))
+        assert resync == {
+            "type": "resync",
+            "thread_id": "t1",
+            "last_seq": 2,
+            "latest_seq": 10,
+            "recovered": False,
+        }
+        assert await hub.send("t1", {"type": "agent_completed"})
+        live = json.loads(await asyncio.wait_for(late.recv(), 3))
+        assert live == {"type": "agent_completed", "seq": 11}
+        await first.close()
+        await late.close()
+
+
+async def test_a_client_within_the_window_gets_what_it_missed_first(
+    hub_server: tuple[ThreadHub, str],
+) -> None:
+    hub, address = hub_server
+    first = await attach(address, "t1")
+    for _ in range(100):
+        if hub.connections("t1"):
+            break
+        await asyncio.sleep(0.005)
+    for n in range(5):
+        assert await hub.send("t1", {"type": "agent_update", "n": n})
+    late = await attach(address, "t1", last_seq=2)
+    got = [json.loads(await asyncio.wait_for(late.recv(), 3)) for _ in range(3)]
+    assert [m["seq"] for m in got] == [3, 4, 5]
+    await first.close()
+    await late.close()
+
+
+async def test_authorization_refusal_closes_with_1008() -> None:
+    async def authorize(websocket: WebSocket, thread_id: str) -> bool:
+        return thread_id != "secret"
+
+    hub = ThreadHub(authorize=authorize)
+    async with serve(hub_app(hub)) as address:
+        ws = await attach(address, "secret")
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 3)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+        assert closed.value.rcvd.reason == "not allowed to read thread secret"
+        assert hub.connections("secret") == 0
+        assert await hub.send("secret", {"type": "agent_update"})  # buffered, not delivered
+        assert hub.guard.stats().pending == {"secret": 1}
+
+
+def test_hub_and_middleware_refuse_bad_setup() -> None:
+    with pytest.raises(TypeError, match="authorize must be callable"):
+        ThreadHub(authorize=None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="needs a guard built with stamp_seq= and history="):
+        ThreadHub(authorize=allow_any, guard=Guard())
+    with pytest.raises(TypeError, match=r"guard must be an emitguard\.Guard"):
+        EmitGuardMiddleware(hub_app(ThreadHub(authorize=allow_any)), guard="g")  # type: ignore[arg-type]
