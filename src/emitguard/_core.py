@@ -80,8 +80,8 @@ class GuardCore:
         self._confirm: float | None = None
         """Seconds to wait for a transport to confirm a delivery; ``None``: no confirmation."""
         self._plain = True
-        """No record needed per delivery: nobody listens, no stamping, no history and no
-        transport confirmation (the hot path and the traced fast path need it)."""
+        """No record needed per delivery: nobody listens, no stamping, no history (the hot
+        path and the instrumented fast path need it)."""
         self._tel = Telemetry(self, tracer_provider, meter_provider)
         hooks.load_entry_points()
         _live.add(self)
@@ -95,13 +95,9 @@ class GuardCore:
         self._replan()
 
     def _replan(self) -> None:
-        self._plain = (
-            self._stamp is None
-            and not self._dispatch.listening
-            and not self._history
-            and self._confirm is None
-        )
-        self._hot = self._threads if self._plain and not self._tel.active else {}
+        self._plain = self._stamp is None and not self._dispatch.listening and not self._history
+        hot = self._plain and not self._tel.active and self._confirm is None
+        self._hot = self._threads if hot else {}
 
     # --------------------------------------------------------------- threads
 

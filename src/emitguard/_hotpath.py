@@ -53,7 +53,7 @@ def make_sender(guard: Guard, thread: Arg, message: Arg) -> WraptWrapper:
             or slot.backlog
             or payload is None
         ):
-            if guard._tel.active:  # not the hot path: it runs with telemetry off only
+            if guard._tel.active or guard._confirm is not None:  # (the hot path runs without)
                 return await traced_send(guard, thread_id, payload, wrapped, args, kwargs, rebind)
             return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
         slot.busy = True

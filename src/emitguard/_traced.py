@@ -13,7 +13,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from emitguard import transport
 from emitguard._core import CONNECTED, thread_name
+from emitguard._flow import UNCONFIRMED
 from emitguard._line import ThreadSlot
 from emitguard._telemetry import SEND, Scope
 from emitguard.calls import MISSING, Call, Rebind, Verdict, judge, judge_error
@@ -58,6 +60,9 @@ async def traced_send(
     started = time.time_ns()
     slot.busy = True
     slot.seq = seq = slot.seq + 1
+    probe = token = None
+    if guard._confirm is not None:
+        probe, token = transport.open_probe()
     try:
         result = await fn(*args, **kwargs)
     except asyncio.CancelledError:
@@ -70,6 +75,18 @@ async def traced_send(
         verdict, why = judge_error(exc, guard._poison)
         call = Call(fn, args, kwargs, rebind)
         return await _failed(guard, slot, seq, message, call, started, verdict, why, exc)
+    finally:
+        if token is not None:
+            transport.close_probe(token)
+    if probe is not None and (result or result is None):
+        if not await probe.wait(guard._confirm or 0.0):
+            call = Call(fn, args, kwargs, rebind)
+            return await _failed(
+                guard, slot, seq, message, call, started, Verdict.RETRY, UNCONFIRMED, None
+            )
+        for owner in probe.owners:
+            if owner not in slot.owners:  # (connection owners are hashable)
+                guard._own(slot, owner)
     if not result and result is not None:
         verdict, reason = judge(result)
         call = Call(fn, args, kwargs, rebind)

@@ -120,7 +120,7 @@ class Guard(OutboxFlow):
         """:meth:`send` for adapters: the original is ``fn(*args, **kwargs)``, and
         ``rebind(args, kwargs, message)`` returns the arguments with another message in them
         (for seq stamping and for deliveries from the outbox)."""
-        if self._tel.active:
+        if self._tel.active or self._confirm is not None:
             return await traced_send(self, thread_id, message, fn, args, kwargs, rebind)
         try:
             return await self._send_slow(thread_id, message, Call(fn, args, kwargs, rebind))
