@@ -23,7 +23,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from emitguard import Guard, transport
-from emitguard._core import check_thread_id
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
@@ -119,6 +118,16 @@ class EmitGuardMiddleware:
             log.debug("emitguard: %r closed; threads disconnected: %s", connection, gone)
 
 
+def _bad_request(thread_id: object, last_seq: object) -> str | None:
+    if not isinstance(thread_id, str) or not thread_id:
+        return f"thread_id must be a non-empty string, got {thread_id!r}"[:120]
+    if last_seq is not None and (
+        isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0
+    ):
+        return f"last_seq must be an int >= 0 or null, got {last_seq!r}"[:120]
+    return None
+
+
 Authorize = Callable[["WebSocket", str], "bool | Awaitable[bool]"]
 
 
@@ -161,13 +170,16 @@ class ThreadHub:
     async def attach(
         self, websocket: WebSocket, thread_id: str, last_seq: int | None = None
     ) -> bool:
-        """Attach an accepted websocket to a thread; False (and the socket closed with 1008)
-        when ``authorize`` refuses. With ``last_seq``, the client first receives, in order,
-        what it missed since then, or a ``resync`` message when the window no longer holds it.
+        """Attach an accepted websocket to a thread; False (and the socket closed with 1008
+        and a reason) when ``authorize`` refuses or the thread id or ``last_seq`` is bad.
+
+        With ``last_seq``, the client first receives, in order, what it missed since then, or
+        a ``resync`` message when the window no longer holds it.
         """
-        check_thread_id(thread_id)
-        if last_seq is not None and (isinstance(last_seq, bool) or not isinstance(last_seq, int)):
-            raise ValueError(f"last_seq must be an int or None, got {last_seq!r}")
+        bad = _bad_request(thread_id, last_seq)
+        if bad is not None:  # what a client sent: refuse it, do not raise into the endpoint
+            await websocket.close(code=1008, reason=bad)
+            return False
         if not await self._allowed(websocket, thread_id):
             await websocket.close(code=1008, reason=f"not allowed to read thread {thread_id}")
             return False

@@ -274,3 +274,18 @@ def test_hub_and_middleware_refuse_bad_setup() -> None:
         ThreadHub(authorize=allow_any, guard=Guard())
     with pytest.raises(TypeError, match=r"guard must be an emitguard\.Guard"):
         EmitGuardMiddleware(hub_app(ThreadHub(authorize=allow_any)), guard="g")  # type: ignore[arg-type]
+
+
+async def test_a_bad_hello_is_refused_with_1008_not_raised() -> None:
+    hub = ThreadHub(authorize=allow_any)
+    async with serve(hub_app(hub)) as address:
+        for thread_id, last_seq, reason in [
+            ("t1", "7", "last_seq must be an int >= 0 or null, got '7'"),
+            ("t1", -1, "last_seq must be an int >= 0 or null, got -1"),
+            ("", None, "thread_id must be a non-empty string, got ''"),
+        ]:
+            ws = await attach(address, thread_id, last_seq)  # type: ignore[arg-type]
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 3)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, reason)
