@@ -1,4 +1,4 @@
-"""``emitguard demo``: the command, the simulation and its numbers."""
+"""``emitguard simulate``: the command, the in-memory simulation and its numbers."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ TIMINGS = ("wall_time", "barrier_wait_p50", "barrier_wait_p99")
 
 
 def demo_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
-    code = cli.main(["demo", "--no-progress", "--json", *args])
+    code = cli.main(["simulate", "--no-progress", "--json", *args])
     out = capsys.readouterr().out
     return code, json.loads(out)
 
@@ -89,7 +89,7 @@ def test_same_seed_gives_the_same_numbers(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_table_and_verdict(capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["demo", "--runs", "15", "--no-progress"])
+    code = cli.main(["simulate", "--runs", "15", "--no-progress"])
     captured = capsys.readouterr()
 
     assert code == 0
@@ -106,12 +106,12 @@ def test_table_and_verdict(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["demo", "--runs", "0"],
-        ["demo", "--runs", "many"],
-        ["demo", "--lag", "-1"],
-        ["demo", "--lag", "nan"],
-        ["demo", "--drop-rate", "1.5"],
-        ["demo", "--bogus"],
+        ["simulate", "--runs", "0"],
+        ["simulate", "--runs", "many"],
+        ["simulate", "--lag", "-1"],
+        ["simulate", "--lag", "nan"],
+        ["simulate", "--drop-rate", "1.5"],
+        ["simulate", "--bogus"],
         ["nonsense"],
         [],
     ],
@@ -139,7 +139,7 @@ def test_exit_code_1_when_the_guarded_run_loses_events(
     )
     monkeypatch.setattr(cli, "run_demo", lambda *args, **kwargs: broken)
 
-    assert cli.main(["demo", "--no-progress"]) == 1
+    assert cli.main(["simulate", "--no-progress"]) == 1
     assert capsys.readouterr().out.splitlines()[-1].startswith("FAIL: guarded lost 1/25")
 
 
@@ -172,7 +172,7 @@ def test_legacy_warnings_hidden_and_counted_unless_asked(
 def test_console_script_end_to_end() -> None:
     script = Path(sys.executable).parent / "emitguard"
     proc = subprocess.run(
-        [str(script), "demo", "--runs", "20", "--no-progress"],
+        [str(script), "simulate", "--runs", "20", "--no-progress"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -27,7 +27,7 @@ from emitguard import Guard, transport
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
-__all__ = ["CONNECTION", "EmitGuardMiddleware", "ThreadHub", "allow_any"]
+__all__ = ["CONNECTION", "EmitGuardMiddleware", "ThreadHub", "allow_any", "replay_to"]
 
 log = logging.getLogger("emitguard")
 
@@ -118,6 +118,28 @@ class EmitGuardMiddleware:
             log.debug("emitguard: %r closed; threads disconnected: %s", connection, gone)
 
 
+async def replay_to(websocket: WebSocket, guard: Guard, thread_id: str, last_seq: int) -> bool:
+    """Send a reconnecting client, in order, what it missed of the thread since ``last_seq``
+    (from the guard's replay window), or a ``resync`` message when the window no longer holds
+    it; True when it got everything. Call it inside ``guard.hold(thread_id)`` and associate
+    the connection before leaving, so that no event slips between replay and live."""
+    replay = guard.replay(thread_id, after=last_seq)
+    if not replay.complete:
+        await websocket.send_json(
+            {
+                "type": "resync",
+                "thread_id": thread_id,
+                "last_seq": last_seq,
+                "latest_seq": replay.latest,
+                "recovered": False,
+            }
+        )
+        return False
+    for _, message in replay.messages:
+        await websocket.send_json(message)
+    return True
+
+
 def _bad_request(thread_id: object, last_seq: object) -> str | None:
     if not isinstance(thread_id, str) or not thread_id:
         return f"thread_id must be a non-empty string, got {thread_id!r}"[:120]
@@ -185,7 +207,7 @@ class ThreadHub:
             return False
         async with self.guard.hold(thread_id):
             if last_seq is not None:
-                await self._catch_up(websocket, thread_id, last_seq)
+                await replay_to(websocket, self.guard, thread_id, last_seq)
             self._sockets.setdefault(thread_id, []).append(websocket)
             self._threads_of.setdefault(id(websocket), set()).add(thread_id)
             self.guard.mark_connected(thread_id, owner=self._owner(websocket))
@@ -230,22 +252,6 @@ class ThreadHub:
             else:
                 delivered += 1
         return delivered > 0
-
-    async def _catch_up(self, websocket: WebSocket, thread_id: str, last_seq: int) -> None:
-        replay = self.guard.replay(thread_id, after=last_seq)
-        if not replay.complete:
-            await websocket.send_json(
-                {
-                    "type": "resync",
-                    "thread_id": thread_id,
-                    "last_seq": last_seq,
-                    "latest_seq": replay.latest,
-                    "recovered": False,
-                }
-            )
-            return
-        for _, message in replay.messages:
-            await websocket.send_json(message)
 
     async def _allowed(self, websocket: WebSocket, thread_id: str) -> bool:
         try:

@@ -44,9 +44,20 @@ def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
         ("sends held at the barrier", "n/a", _count(safe.held)),
         ("barrier wait p50 (ms)", "n/a", _millis(safe.barrier_wait_p50)),
         ("barrier wait p99 (ms)", "n/a", _millis(safe.barrier_wait_p99)),
-        ("wall time (s)", f"{bare.wall_time:.2f}", f"{safe.wall_time:.2f}"),
     ]
+    if safe.latency_p50 is not None or bare.latency_p50 is not None:
+        rows += [
+            ("delivery latency p50 (ms)", _millis(bare.latency_p50), _millis(safe.latency_p50)),
+            ("delivery latency p99 (ms)", _millis(bare.latency_p99), _millis(safe.latency_p99)),
+            ("events delivered per second", _rate(bare.events_per_s), _rate(safe.events_per_s)),
+            ("repeated after seq dedupe", str(bare.repeated), str(safe.repeated)),
+        ]
+    rows.append(("wall time (s)", f"{bare.wall_time:.2f}", f"{safe.wall_time:.2f}"))
     return rows
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def render_table(report: DemoReport) -> str:
@@ -71,9 +82,10 @@ def verdict(report: DemoReport) -> str:
             f"PASS: unguarded lost {bare.lost}/{bare.emitted} events ({share:.0%}); "
             f"guarded delivered all {safe.delivered} in order, 0 lost."
         )
+    repeated = f", {safe.repeated} repeated" if safe.repeated else ""
     return (
         f"FAIL: guarded lost {safe.lost}/{safe.emitted} events, {safe.out_of_order} out of "
-        f"order, {_count(safe.still_buffered)} still buffered "
+        f"order{repeated}, {_count(safe.still_buffered)} still buffered "
         f"(unguarded lost {bare.lost})."
     )
 

@@ -1,10 +1,14 @@
 """The ``emitguard`` command line.
 
-    emitguard demo [--runs N] [--seed S] [--lag SECONDS] [--drop-rate R] [--json] [--no-progress]
+    emitguard demo      [--runs N] [--seed S] [--lag SECONDS] [--drop-rate R] [--json] ...
+    emitguard simulate  [the same options]
 
-``demo`` replays the race of the emission failure report on the reference legacy manager,
-bare and then guarded, and prints what reached the clients. It exits 0 when the guarded run
-lost nothing and reordered nothing, 1 otherwise (2 for bad arguments).
+``demo`` (added by the Starlette adapter through the ``emitguard_add_commands`` hook) replays
+the race of the emission failure report over real sockets: a Starlette app under uvicorn and
+``websockets`` clients. ``simulate`` replays it in memory on a virtual clock, reproducibly and
+fast (10,000 runs in seconds). Both run bare and then guarded, print what reached the clients,
+and exit 0 when the guarded run lost, duplicated and reordered nothing, 1 otherwise (2 for
+bad arguments).
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
-from emitguard import __version__
-from emitguard.demo import DemoConfig, ProgressBar, render_table, run_demo, verdict
+from emitguard import __version__, hooks
+from emitguard.demo import DemoConfig, DemoReport, ProgressBar, render_table, run_demo, verdict
 
-__all__ = ["build_parser", "main"]
+__all__ = ["add_demo_arguments", "build_parser", "main", "print_report"]
 
 
 def _positive_int(text: str) -> int:
@@ -51,72 +55,82 @@ _fraction = _bounded("a number from 0 to 1", 0.0, 1.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``emitguard`` command."""
+    """The argument parser of the ``emitguard`` command, with the plugins' commands."""
     parser = argparse.ArgumentParser(
         prog="emitguard", description="emitguard: no lost WebSocket events."
     )
     parser.add_argument("--version", action="version", version=f"emitguard {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="replay the lost-events race unguarded and guarded, side by side",
+    simulate = commands.add_parser(
+        "simulate",
+        help="replay the lost-events race in memory, unguarded and guarded, side by side",
         description=(
             "Simulate agent runs whose events race the thread association (and, in some "
-            "runs, a dropped connection) on the reference legacy manager, first bare, then "
-            "guarded; compare what reached the clients. Exit code 0 when the guarded run "
-            "lost and reordered nothing, 1 otherwise."
+            "runs, a dropped connection) on the in-memory reference legacy manager, on a "
+            "virtual clock, first bare, then guarded; compare what reached the clients. "
+            "Exit code 0 when the guarded run lost and reordered nothing, 1 otherwise."
         ),
     )
-    defaults = DemoConfig()
-    demo.add_argument(
+    add_demo_arguments(simulate, DemoConfig())
+    simulate.set_defaults(run=_simulate)
+    hooks.plugin_manager().hook.emitguard_add_commands(commands=commands)
+    return parser
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser, defaults: DemoConfig) -> None:
+    """The options every demo command shares (``--runs``, ``--seed``, ``--lag``, ...)."""
+    parser.add_argument(
         "--runs",
         type=_positive_int,
         default=defaults.runs,
-        help="agent runs (default: %(default)s)",
+        help="agent runs, one thread each (default: %(default)s)",
     )
-    demo.add_argument(
+    parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)"
     )
-    demo.add_argument(
+    parser.add_argument(
         "--lag",
         type=_seconds,
         default=defaults.lag,
         metavar="SECONDS",
         help="largest random thread-association lag (default: %(default)s)",
     )
-    demo.add_argument(
+    parser.add_argument(
         "--drop-rate",
         type=_fraction,
         default=defaults.drop_rate,
         metavar="R",
         help="share of runs whose connection drops mid-run and reconnects (default: %(default)s)",
     )
-    demo.add_argument("--json", action="store_true", help="print the result as JSON")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    demo.add_argument(
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument(
         "--legacy-logs",
         action="store_true",
         help="let the legacy manager's warnings through (they are counted, and hidden, by default)",
     )
-    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        return _demo(args)
-    raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
-
-
-def _demo(args: argparse.Namespace) -> int:
-    config = DemoConfig(runs=args.runs, seed=args.seed, lag=args.lag, drop_rate=args.drop_rate)
-    progress = ProgressBar(sys.stderr, enabled=not args.no_progress and sys.stderr.isatty())
-    report = run_demo(config, progress=progress, show_legacy_logs=args.legacy_logs)
-    if args.json:
+def print_report(report: DemoReport, as_json: bool) -> int:
+    """Print a demo's report (table and verdict, or JSON); return the exit code."""
+    if as_json:
         print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
         print(render_table(report))
         print()
         print(verdict(report))
     return 0 if report.ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    code: int = args.run(args)
+    return code
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    config = DemoConfig(runs=args.runs, seed=args.seed, lag=args.lag, drop_rate=args.drop_rate)
+    progress = ProgressBar(sys.stderr, enabled=not args.no_progress and sys.stderr.isatty())
+    report = run_demo(config, progress=progress, show_legacy_logs=args.legacy_logs)
+    return print_report(report, args.json)

@@ -43,6 +43,7 @@ from emitguard.testing import FakeSocket, ReferenceManager
 
 __all__ = [
     "EVENTS",
+    "BarrierWaits",
     "DemoConfig",
     "DemoReport",
     "DropPlan",
@@ -301,11 +302,19 @@ class ScenarioResult:
     """What ``guard.drain()`` left in the outbox."""
     outcomes: dict[str, int] | None = None
     """``guard.stats().outcomes``, by outcome name."""
+    latency_p50: float | None = None
+    """Seconds from the agent's send to the client's receipt (first copies; real sockets)."""
+    latency_p99: float | None = None
+    events_per_s: float | None = None
+    """Unique deliveries per second of wall time (real sockets)."""
+    repeated: int = 0
+    """Events that arrived twice under different seqs: duplicates that seq dedupe cannot
+    catch (the guard never does this; the demo checks it)."""
 
     @property
     def ok(self) -> bool:
-        """Nothing lost, nothing out of order."""
-        return self.lost == 0 and self.out_of_order == 0
+        """Nothing lost, nothing out of order, nothing delivered twice after seq dedupe."""
+        return self.lost == 0 and self.out_of_order == 0 and self.repeated == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +353,7 @@ class _LegacyWarnings(logging.Handler):
             self.cannot_deliver += 1
 
 
-class _BarrierWaits:
+class BarrierWaits:
     """An emitguard listener keeping ``waited`` of one guard's terminal records."""
 
     def __init__(self, guard: emitguard.Guard) -> None:
@@ -408,7 +417,7 @@ async def _play_guarded(
         stamp_seq="seq",
         ready_timeout=config.barrier_timeout,
     )
-    listener = _BarrierWaits(guard)
+    listener = BarrierWaits(guard)
     emitguard.register(listener)
     try:
         resync()

@@ -60,6 +60,12 @@ class HookSpecs:
     def emitguard_guard_created(self, guard: Guard) -> None:
         """Called when a :class:`~emitguard.Guard` is constructed."""
 
+    @hookspec
+    def emitguard_add_commands(self, commands: Any) -> None:
+        """Add sub-commands to the ``emitguard`` command line. ``commands`` is the argparse
+        sub-parsers object; give each new parser a ``run`` default, a callable taking the
+        parsed arguments and returning the exit code: ``parser.set_defaults(run=...)``."""
+
 
 class _Dispatch:
     """Process-wide plugin manager plus a cheap "is anyone listening" flag for hot paths."""

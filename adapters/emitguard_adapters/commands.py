@@ -1,0 +1,53 @@
+"""``emitguard demo``: added to the command line through the ``emitguard_add_commands`` hook.
+
+The demo needs Starlette, uvicorn and websockets; they are imported only when it runs, so the
+command line (and every guard, which loads this plugin) works without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from emitguard import hookimpl
+
+__all__ = ["emitguard_add_commands"]
+
+
+@hookimpl
+def emitguard_add_commands(commands: Any) -> None:
+    from emitguard.cli import add_demo_arguments
+    from emitguard.demo import DemoConfig
+
+    demo = commands.add_parser(
+        "demo",
+        help="the lost-events race over real sockets (uvicorn + websockets), unguarded and guarded",
+        description=(
+            "Serve a Starlette app with the report's legacy manager under uvicorn on "
+            "127.0.0.1 and run concurrent websockets clients against it, first bare, then "
+            "guarded; some clients drop and reconnect mid-run. Exit code 0 when the guarded "
+            "run lost, duplicated and reordered nothing, 1 otherwise."
+        ),
+    )
+    add_demo_arguments(demo, DemoConfig(runs=200, lag=0.05, drop_rate=0.2))
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from emitguard.cli import print_report
+    from emitguard.demo import DemoConfig, ProgressBar
+
+    try:
+        from emitguard_adapters.socket_demo import run_socket_demo
+    except ImportError as exc:
+        print(
+            f"emitguard demo needs starlette, uvicorn and websockets ({exc}); "
+            "pip install 'emitguard[demo]', or run `emitguard simulate`",
+            file=sys.stderr,
+        )
+        return 2
+    config = DemoConfig(runs=args.runs, seed=args.seed, lag=args.lag, drop_rate=args.drop_rate)
+    progress = ProgressBar(sys.stderr, enabled=not args.no_progress and sys.stderr.isatty())
+    report = run_socket_demo(config, progress=progress, show_legacy_logs=args.legacy_logs)
+    return print_report(report, args.json)

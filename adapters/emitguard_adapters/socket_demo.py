@@ -1,0 +1,292 @@
+"""``emitguard demo``: the report's race over real sockets, bare and then guarded.
+
+A Starlette app runs under uvicorn on 127.0.0.1 (a free port) with the report's legacy manager
+behind ``/ws``. Each run is one ``websockets`` client on its own thread: its first message
+starts the agent, whose events race the thread association (which the endpoint makes after
+the run's lag). In a share of the runs the client kills its connection mid-run (no close
+handshake) and reconnects, sending the last ``seq`` it saw. The same seeded plans
+(:func:`emitguard.demo.plan_runs`) are played on the bare manager and then on the manager
+guarded with two lines: ``emitguard.guard(manager, stamp_seq="seq", history=...)`` and
+``EmitGuardMiddleware``; the guarded endpoint also replays what a reconnecting client missed
+(:func:`~emitguard_adapters.starlette.replay_to`).
+
+Unlike ``emitguard simulate`` this runs on the real clock, so which event beats which
+association varies a little between two runs with the same seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+import emitguard
+from emitguard.demo import (
+    EVENTS,
+    BarrierWaits,
+    DemoConfig,
+    DemoReport,
+    Progress,
+    RunPlan,
+    ScenarioResult,
+    percentile,
+    plan_runs,
+    tally,
+)
+from emitguard_adapters.starlette import EmitGuardMiddleware, replay_to
+from emitguard_adapters.testing import LegacyWebSocketManager, serve
+
+__all__ = ["DEFAULTS", "run_socket_demo"]
+
+DEFAULTS = DemoConfig(runs=200, lag=0.05, drop_rate=0.2)
+"""The command's defaults: 200 concurrent clients, a fifth of them dropping once."""
+
+LEGACY_LOGGER = "emitguard.testing.legacy"
+IDLE = 1.0
+"""Seconds a client waits for more after the last message before it gives up on the run."""
+
+
+class _Server:
+    """The demo app: the legacy endpoint, guarded or not, and the agents it starts."""
+
+    def __init__(self, plans: dict[str, RunPlan], guard: emitguard.Guard | None) -> None:
+        self.plans = plans
+        self.guard = guard
+        self.manager = LegacyWebSocketManager()
+        self.agents: set[asyncio.Task[None]] = set()
+
+    def app(self, manager: LegacyWebSocketManager) -> Any:
+        self.manager = manager
+        app = Starlette(routes=[WebSocketRoute("/ws", self.endpoint)])
+        return app if self.guard is None else EmitGuardMiddleware(app, guard=self.guard)
+
+    async def endpoint(self, websocket: WebSocket) -> None:
+        await websocket.accept()
+        hello = await websocket.receive_json()
+        plan = self.plans[hello["thread_id"]]
+        connection = self.manager.connect(websocket, plan.user_id)
+        try:
+            if hello.get("resume"):
+                await self._reassociate(websocket, plan, hello.get("last_seq"))
+            else:
+                agent = asyncio.create_task(self._agent(plan))
+                self.agents.add(agent)
+                await asyncio.sleep(plan.associate_after)
+                self.manager.update_connection_thread(plan.user_id, plan.thread_id)
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            pass
+        finally:
+            self.manager.disconnect(connection)
+
+    async def _reassociate(self, websocket: WebSocket, plan: RunPlan, last_seq: Any) -> None:
+        drop = plan.drop
+        wait = drop.reassociate_after if drop is not None else 0.0
+        if self.guard is None:
+            await asyncio.sleep(wait)
+            self.manager.update_connection_thread(plan.user_id, plan.thread_id)
+            return
+        async with self.guard.hold(plan.thread_id):  # the guarded endpoint's one addition
+            await replay_to(websocket, self.guard, plan.thread_id, int(last_seq or 0))
+            await asyncio.sleep(wait)
+            self.manager.update_connection_thread(plan.user_id, plan.thread_id)
+
+    async def _agent(self, plan: RunPlan) -> None:
+        for number, event in enumerate(EVENTS, start=1):
+            if number > 1:
+                await asyncio.sleep(plan.gaps[number - 2])
+            message = {"type": event, "thread_id": plan.thread_id, "n": number, "t": time.time()}
+            await self.manager.send_to_thread(plan.thread_id, message)
+
+
+@dataclasses.dataclass
+class _Client:
+    """What one client received, across its connections."""
+
+    plan: RunPlan
+    received: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    latencies: dict[Any, float] = dataclasses.field(default_factory=dict)
+    last_receipt: float = 0.0
+    """``time.perf_counter()`` of the last message."""
+
+    async def run(self, address: str, key: str) -> None:
+        ws = await self._connect(address, {"thread_id": self.plan.thread_id})
+        drop = self.plan.drop
+        try:
+            if drop is not None:
+                await self._read(ws, key, until=drop.after_event, deadline=self._drop_deadline())
+                ws.transport.abort()  # killed: no close handshake
+                await asyncio.sleep(drop.reconnect_after)
+                last = max((m.get("seq", 0) for m in self.received), default=0)
+                hello = {"thread_id": self.plan.thread_id, "resume": True, "last_seq": last}
+                ws = await self._connect(address, hello)
+            await self._read(ws, key, until=len(EVENTS), deadline=None)
+        finally:
+            await ws.close()
+
+    def _drop_deadline(self) -> float:
+        drop = self.plan.drop
+        assert drop is not None
+        emitted_by = self.plan.associate_after + sum(self.plan.gaps[: drop.after_event - 1])
+        return time.monotonic() + emitted_by + 0.2
+
+    @staticmethod
+    async def _connect(address: str, hello: dict[str, Any]) -> ClientConnection:
+        ws = await connect(f"ws://{address}/ws", max_queue=None)
+        await ws.send(json.dumps(hello))
+        return ws
+
+    async def _read(
+        self, ws: ClientConnection, key: str, *, until: int, deadline: float | None
+    ) -> None:
+        """Read until event number ``until`` arrived, or the deadline, or an idle second."""
+        while True:
+            timeout = IDLE if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                raw = await asyncio.wait_for(ws.recv(), timeout)
+            except (asyncio.TimeoutError, TimeoutError, ConnectionClosed):
+                return
+            message = json.loads(raw)
+            if message.get("type") == "resync":
+                continue
+            self.received.append(message)
+            self.latencies.setdefault(message.get(key), time.time() - message["t"])
+            self.last_receipt = time.perf_counter()
+            if message["n"] >= until:
+                return
+
+
+class _Warnings(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Cannot deliver"):
+            self.count += 1
+
+
+async def _scenario(
+    name: str, config: DemoConfig, plans: list[RunPlan], progress: Progress | None
+) -> ScenarioResult:
+    manager = LegacyWebSocketManager()
+    guard = None
+    if name == "guarded":
+        guard = emitguard.guard(
+            manager, stamp_seq="seq", history=64, ready_timeout=config.barrier_timeout
+        )
+    listener = BarrierWaits(guard) if guard is not None else None
+    if listener is not None:
+        emitguard.register(listener)
+    server = _Server({plan.thread_id: plan for plan in plans}, guard)
+    clients = [_Client(plan) for plan in plans]
+    key = "seq" if guard is not None else "n"
+    done = 0
+
+    async def one(client: _Client) -> None:
+        nonlocal done
+        await client.run(address, key)
+        done += 1
+        if progress is not None:
+            progress(name, done, len(clients))
+
+    started = time.perf_counter()
+    try:
+        async with serve(server.app(manager)) as address:
+            if progress is not None:
+                progress(name, 0, len(clients))
+            await asyncio.gather(*(one(client) for client in clients))
+            await asyncio.gather(*server.agents)
+            still = await guard.drain(config.drain_timeout) if guard is not None else None
+        wall = time.perf_counter() - started
+        outcomes = guard.stats().outcomes if guard is not None else None
+    finally:
+        if guard is not None:
+            emitguard.unregister(listener)
+            await guard.aclose()
+            emitguard.unguard(manager)
+    active = max((c.last_receipt for c in clients), default=started) - started
+    result = _result(name, plans, clients, key, wall, active, still, outcomes)
+    if listener is None:
+        return result
+    held = [waited for waited in listener.waits if waited > 0]
+    return dataclasses.replace(
+        result,
+        held=len(held),
+        barrier_wait_p50=percentile(held, 50),
+        barrier_wait_p99=percentile(held, 99),
+    )
+
+
+def _result(
+    name: str,
+    plans: list[RunPlan],
+    clients: list[_Client],
+    key: str,
+    wall: float,
+    active: float,
+    still: int | None,
+    outcomes: Any,
+) -> ScenarioResult:
+    got = tally({c.plan.thread_id: c.received for c in clients}, key)
+    latencies = [value for c in clients for value in c.latencies.values()]
+    repeated = 0
+    for client in clients:
+        unique = {m.get(key): m["n"] for m in client.received}
+        repeated += len(unique) - len(set(unique.values()))
+    emitted = len(plans) * len(EVENTS)
+    return ScenarioResult(
+        name=name,
+        runs=len(plans),
+        drops=sum(1 for plan in plans if plan.drop is not None),
+        emitted=emitted,
+        delivered=got.delivered,
+        lost=emitted - got.delivered,
+        out_of_order=got.out_of_order,
+        duplicates=got.duplicates,
+        legacy_warnings=0,
+        wall_time=wall,
+        still_buffered=still,
+        outcomes=None if outcomes is None else {o.value: n for o, n in outcomes.items()},
+        latency_p50=percentile(latencies, 50),
+        latency_p99=percentile(latencies, 99),
+        events_per_s=got.delivered / active if active > 0 else None,
+        repeated=repeated,
+    )
+
+
+async def _both(config: DemoConfig, progress: Progress | None, show_logs: bool) -> DemoReport:
+    plans = plan_runs(config)
+    legacy = logging.getLogger(LEGACY_LOGGER)
+    results: dict[str, ScenarioResult] = {}
+    for name in ("unguarded", "guarded"):
+        counter = _Warnings()
+        legacy.addHandler(counter)
+        legacy.propagate = show_logs
+        try:
+            result = await _scenario(name, config, plans, progress)
+        finally:
+            legacy.removeHandler(counter)
+            legacy.propagate = True
+        results[name] = dataclasses.replace(result, legacy_warnings=counter.count)
+    return DemoReport(config, results["unguarded"], results["guarded"])
+
+
+def run_socket_demo(
+    config: DemoConfig = DEFAULTS,
+    *,
+    progress: Progress | None = None,
+    show_legacy_logs: bool = False,
+) -> DemoReport:
+    """Run both scenarios over real loopback sockets (each in its own event loop run)."""
+    return asyncio.run(_both(config, progress, show_legacy_logs))

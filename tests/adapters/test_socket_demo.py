@@ -1,0 +1,81 @@
+"""``emitguard demo``: the report's race over real sockets (uvicorn + websockets clients)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emitguard import cli
+from emitguard.demo import DemoConfig, DemoReport
+from emitguard_adapters import socket_demo
+
+
+def demo_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    code = cli.main(["demo", "--no-progress", "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_unguarded_loses_events_and_guarded_loses_none(capsys: pytest.CaptureFixture[str]) -> None:
+    code, report = demo_json(capsys, "--runs", "40", "--drop-rate", "0.5", "--seed", "3")
+    bare, safe = report["unguarded"], report["guarded"]
+    assert code == 0
+    assert report["ok"] is True
+    assert bare["emitted"] == safe["emitted"] == 200
+    assert bare["drops"] == safe["drops"] > 0
+    assert bare["lost"] > 0
+    assert bare["legacy_warnings"] > 0
+    assert (safe["lost"], safe["out_of_order"], safe["repeated"]) == (0, 0, 0)
+    assert safe["still_buffered"] == 0
+    assert safe["outcomes"]["flushed"] == safe["outcomes"]["buffered"] > 0
+    assert safe["held"] > 0
+    assert safe["latency_p50"] is not None
+    assert safe["latency_p99"] >= safe["latency_p50"]
+    assert safe["events_per_s"] > 0
+
+
+def test_the_table_shows_latency_and_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--runs", "10", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["metric", "unguarded", "guarded"]
+    for row in ("delivery latency p50 (ms)", "delivery latency p99 (ms)"):
+        assert any(line.startswith(row) for line in lines)
+    assert any(line.startswith("events delivered per second") for line in lines)
+    assert lines[-1].startswith("PASS: unguarded lost")
+
+
+def test_exit_code_1_when_the_guarded_run_repeats_an_event(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = socket_demo.run_socket_demo(DemoConfig(runs=4, drop_rate=0.0))
+    broken = DemoReport(real.config, real.unguarded, dataclasses.replace(real.guarded, repeated=1))
+    monkeypatch.setattr(socket_demo, "run_socket_demo", lambda *args, **kwargs: broken)
+    assert cli.main(["demo", "--no-progress"]) == 1
+    assert "1 repeated" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_without_the_socket_libraries_the_demo_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "emitguard_adapters.socket_demo", None)
+    assert cli.main(["demo", "--no-progress"]) == 2
+    assert "pip install 'emitguard[demo]'" in capsys.readouterr().err
+
+
+def test_console_script_runs_the_socket_demo_by_default() -> None:
+    script = Path(sys.executable).parent / "emitguard"
+    proc = subprocess.run(
+        [str(script), "demo", "--runs", "30", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "delivery latency p99 (ms)" in proc.stdout
+    assert "PASS: unguarded lost" in proc.stdout
