@@ -40,6 +40,7 @@ from emitguard.demo import (
     ScenarioResult,
     percentile,
     plan_runs,
+    scenario_result,
     tally,
 )
 from emitguard_adapters.starlette import EmitGuardMiddleware, replay_to
@@ -244,18 +245,8 @@ def _result(
     for client in clients:
         unique = {m.get(key): m["n"] for m in client.received}
         repeated += len(unique) - len(set(unique.values()))
-    emitted = len(plans) * len(EVENTS)
-    return ScenarioResult(
-        name=name,
-        runs=len(plans),
-        drops=sum(1 for plan in plans if plan.drop is not None),
-        emitted=emitted,
-        delivered=got.delivered,
-        lost=emitted - got.delivered,
-        out_of_order=got.out_of_order,
-        duplicates=got.duplicates,
-        legacy_warnings=0,
-        wall_time=wall,
+    return dataclasses.replace(
+        scenario_result(name, plans, got, 0, wall),
         still_buffered=still,
         outcomes=None if outcomes is None else {o.value: n for o, n in outcomes.items()},
         latency_p50=percentile(latencies, 50),

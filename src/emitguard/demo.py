@@ -59,6 +59,7 @@ __all__ = [
     "run_guarded",
     "run_scenarios",
     "run_unguarded",
+    "scenario_result",
     "simulate_run",
     "table_rows",
     "tally",
@@ -386,7 +387,7 @@ async def run_unguarded(
         _detach(manager, counter)
     wall = time.perf_counter() - started
     got = tally(_received(manager, plans), "n")
-    return _result("unguarded", plans, got, counter.cannot_deliver, wall)
+    return scenario_result("unguarded", plans, got, counter.cannot_deliver, wall)
 
 
 async def run_guarded(
@@ -431,7 +432,7 @@ async def _play_guarded(
         await guard.aclose()
         emitguard.unguard(manager)
     held = [waited for waited in listener.waits if waited > 0]
-    result = _result("guarded", plans, tally(_received(manager, plans), "seq"), 0, wall)
+    result = scenario_result("guarded", plans, tally(_received(manager, plans), "seq"), 0, wall)
     return dataclasses.replace(
         result,
         held=len(held),
@@ -488,9 +489,10 @@ def _received(manager: ReferenceManager, plans: Iterable[RunPlan]) -> dict[str, 
     return {plan.thread_id: manager.received(plan.thread_id) for plan in plans}
 
 
-def _result(
+def scenario_result(
     name: str, plans: Sequence[RunPlan], got: Tally, warnings: int, wall: float
 ) -> ScenarioResult:
+    """The counts of a scenario from what its clients received (``got``)."""
     emitted = len(plans) * len(EVENTS)
     return ScenarioResult(
         name=name,
