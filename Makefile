@@ -35,6 +35,7 @@ lint: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run.py
+	$(BIN)/python benchmarks/sockets.py
 
 # Build artefacts and tool caches; keeps .venv (use distclean for that).
 clean:

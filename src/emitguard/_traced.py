@@ -45,7 +45,6 @@ async def traced_send(
     record the send concludes with.
     """
     tel = guard._tel
-    event_type = event_type_of(message)
     slot = guard._threads.get(thread_id) if isinstance(thread_id, str) else None
     if (
         slot is None
@@ -57,7 +56,7 @@ async def traced_send(
         or not guard._plain
     ):
         return await _send_general(guard, thread_id, message, Call(fn, args, kwargs, rebind))
-    started = time.time_ns()
+    started = time.time_ns() if tel.active else 0
     slot.busy = True
     slot.seq = seq = slot.seq + 1
     probe = token = None
@@ -79,13 +78,13 @@ async def traced_send(
         if token is not None:
             transport.close_probe(token)
     if probe is not None and (result or result is None):
-        if not await probe.wait(guard._confirm or 0.0):
+        if not probe.frames and not await probe.wait(guard._confirm or 0.0):
             call = Call(fn, args, kwargs, rebind)
             return await _failed(
                 guard, slot, seq, message, call, started, Verdict.RETRY, UNCONFIRMED, None
             )
-        for owner in probe.owners:
-            if owner not in slot.owners:  # (connection owners are hashable)
+        if not probe.owners <= slot.owners:  # a connection not known to carry the thread
+            for owner in probe.owners - slot.owners:
                 guard._own(slot, owner)
     if not result and result is not None:
         verdict, reason = judge(result)
@@ -95,11 +94,13 @@ async def traced_send(
         guard._leave(slot)
     else:
         slot.busy = False
-    tel.delivered(event_type)
-    span = tel.start(SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True)
-    if span is not None:
-        tel.hook(span, slot.thread_id, message)
-        span.end()
+    if tel.active:  # (off when only transport confirmation brought the send here)
+        event_type = event_type_of(message)
+        tel.delivered(event_type)
+        span = tel.start(SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True)
+        if span is not None:
+            tel.hook(span, slot.thread_id, message)
+            span.end()
     return True
 
 
@@ -136,7 +137,7 @@ async def _failed(
     outbox take over under it."""
     tel = guard._tel
     event_type = event_type_of(message)
-    scope = Scope(tel.start(SEND, slot.thread_id, seq, event_type, start_time=started))
+    scope = Scope(tel.start(SEND, slot.thread_id, seq, event_type, start_time=started or None))
     tel.hook(scope.span, slot.thread_id, message)
     if error is not None:
         scope.failed(error)

@@ -30,14 +30,14 @@ class Probe:
 
     def __init__(self) -> None:
         self.frames = 0
-        self.owners: list[object] = []
-        """The connection of each frame, when the transport named it."""
+        self.owners: set[object] = set()
+        """The connections the frames left through, when the transport named them."""
         self._waiter: asyncio.Future[None] | None = None
 
     def sent(self, owner: object = None) -> None:
         self.frames += 1
         if owner is not None:
-            self.owners.append(owner)
+            self.owners.add(owner)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -57,7 +57,8 @@ _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
 
 
 def frame_sent(owner: object = None) -> None:
-    """A data frame left through the transport (of connection ``owner``, if known)."""
+    """A data frame left through the transport (of connection ``owner``, if known, and
+    hashable)."""
     probe = _probe.get()
     if probe is not None:
         probe.sent(owner)
