@@ -289,3 +289,67 @@ async def test_a_bad_hello_is_refused_with_1008_not_raised() -> None:
                 await asyncio.wait_for(ws.recv(), 3)
             assert closed.value.rcvd is not None
             assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1008, reason)
+
+
+class SpawningManager(LegacyWebSocketManager):
+    """Sends from tasks it spawns and reports success before they ran (fire and forget)."""
+
+    async def send_to_thread(self, thread_id: str, message: Any) -> bool:
+        sockets = [self._sockets[c][1] for c, t in self._thread_of.items() if t == thread_id]
+        if not sockets:
+            return False
+        for websocket in sockets:
+            asyncio.get_running_loop().create_task(websocket.send_json(message))
+        return True
+
+
+@pytest.mark.parametrize("listening", [False, True], ids=["fast path", "general path"])
+async def test_frames_sent_by_tasks_the_manager_spawns_confirm_the_delivery(
+    listening: bool,
+) -> None:
+    manager = SpawningManager()
+    guard = emitguard.guard(manager)
+    listener = Records(guard)
+    if listening:  # a listener sends every delivery through the general path
+        emitguard.register(listener)
+    try:
+        app = EmitGuardMiddleware(legacy_app(manager, lag=0.02), guard=guard)
+        async with serve(app) as address:
+            got = await agent_run(address, "t1", 6)
+        assert got == EXPECTED
+        outcomes = guard.stats().outcomes
+        assert outcomes[Outcome.DELIVERED] == len(EXPECTED)
+        assert outcomes[Outcome.BUFFERED] == 0
+    finally:
+        if listening:
+            emitguard.unregister(listener)
+        emitguard.unguard(manager)
+
+
+async def test_a_thread_stays_connected_while_another_connection_carries_it() -> None:
+    manager = LegacyWebSocketManager()
+    guard = emitguard.guard(manager)
+    try:
+        app = EmitGuardMiddleware(legacy_app(manager, lag=0.0), guard=guard)
+        async with serve(app) as address:
+            hello = {"user_id": "u1", "thread_id": "t1", "events": 0}
+            first = await connect(f"ws://{address}/ws")
+            await first.send(json.dumps(hello))
+            await read_until(first, "agent_completed")
+            second = await connect(f"ws://{address}/ws")
+            await second.send(json.dumps(hello))  # its run's event goes to the first one
+            await read_until(first, "agent_completed")
+            await asyncio.sleep(0.05)  # the second connection is associated by now
+            await first.close()
+            await asyncio.sleep(0.1)
+            assert guard.state("t1") is emitguard.ConnectionState.CONNECTED
+            assert await manager.send_to_thread("t1", {"type": "still_here"})
+            assert json.loads(await asyncio.wait_for(second.recv(), 3)) == {"type": "still_here"}
+            await second.close()
+            for _ in range(100):
+                if guard.state("t1") is emitguard.ConnectionState.DISCONNECTED:
+                    break
+                await asyncio.sleep(0.01)
+            assert guard.state("t1") is emitguard.ConnectionState.DISCONNECTED
+    finally:
+        emitguard.unguard(manager)
