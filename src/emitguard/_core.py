@@ -77,11 +77,13 @@ class GuardCore:
         """The threads the hot path may serve: all of them, or none while every delivery
         needs a record, a span or a count (someone listens, seqs are stamped, telemetry)."""
         self._history = self.options.history
+        self._subscribed = 0
+        """Open subscriptions over all threads (deliveries are then fanned out to them)."""
         self._confirm: float | None = None
         """Seconds to wait for a transport to confirm a delivery; ``None``: no confirmation."""
         self._plain = True
-        """No record needed per delivery: nobody listens, no stamping, no history (the hot
-        path and the instrumented fast path need it)."""
+        """No record needed per delivery: nobody listens, no stamping, no history and no
+        subscription (the hot path and the instrumented fast path need it)."""
         self._tel = Telemetry(self, tracer_provider, meter_provider)
         hooks.load_entry_points()
         _live.add(self)
@@ -95,7 +97,12 @@ class GuardCore:
         self._replan()
 
     def _replan(self) -> None:
-        self._plain = self._stamp is None and not self._dispatch.listening and not self._history
+        self._plain = (
+            self._stamp is None
+            and not self._dispatch.listening
+            and not self._history
+            and not self._subscribed
+        )
         hot = self._plain and not self._tel.active and self._confirm is None
         self._hot = self._threads if hot else {}
 

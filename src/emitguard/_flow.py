@@ -20,13 +20,19 @@ class OutboxFlow(GuardCore):
     """Moves emissions into the outbox and out of it again, always in ``seq`` order."""
 
     async def _attempt(
-        self, deliver: Any, message: Any, is_async: bool, slot: ThreadSlot | None = None
+        self,
+        deliver: Any,
+        message: Any,
+        is_async: bool,
+        slot: ThreadSlot | None = None,
+        seq: int = 0,
     ) -> tuple[Verdict, str | None]:
         """Call the original send once; cancellation propagates.
 
         While deliveries are confirmed, an async send that reports success counts only when
         a transport saw a frame leave (:mod:`emitguard.transport`); the connections that
-        carried it then own the thread.
+        carried it then own the thread. The thread's subscriptions get the message too, and
+        one that took it makes the delivery count even when the original found no socket.
         """
         probe = token = None
         if self._confirm is not None and is_async:
@@ -38,11 +44,16 @@ class OutboxFlow(GuardCore):
         except Exception as exc:
             if self._tel.active:
                 self._tel.failed_attempt(exc)
-            return judge_error(exc, self._poison)
+            failed, text = judge_error(exc, self._poison)
+            if failed is Verdict.RETRY and slot is not None and _fan_out(slot, seq, message):
+                return Verdict.OK, None
+            return failed, text
         finally:
             if token is not None:
                 transport.close_probe(token)
         verdict, why = judge(result)
+        if slot is not None and slot.subscribers and _fan_out(slot, seq, message):
+            return Verdict.OK, None
         if probe is not None and verdict is Verdict.OK:
             if not await probe.wait(self._confirm or 0.0):
                 return Verdict.RETRY, UNCONFIRMED
@@ -58,13 +69,14 @@ class OutboxFlow(GuardCore):
         it (when telemetry is active)."""
         tel = self._tel
         if not tel.active:
-            return (*await self._attempt(entry.deliver, entry.message, entry.is_async, slot), None)
+            attempt = self._attempt(entry.deliver, entry.message, entry.is_async, slot, entry.seq)
+            return (*await attempt, None)
         span = tel.start(FLUSH, entry.thread_id, entry.seq, entry.event_type, entry.link)
         scope = Scope(span)
         try:
             with scope:
                 verdict, why = await self._attempt(
-                    entry.deliver, entry.message, entry.is_async, slot
+                    entry.deliver, entry.message, entry.is_async, slot, entry.seq
                 )
         except BaseException:
             tel.finish(scope)
@@ -305,6 +317,14 @@ class OutboxFlow(GuardCore):
         while self._total:
             await asyncio.sleep(interval)
             await self._expire()
+
+
+def _fan_out(slot: ThreadSlot, seq: int, message: Any) -> bool:
+    """Hand a delivery to the thread's subscriptions; True when one took it."""
+    took = False
+    for subscription in list(slot.subscribers):
+        took = subscription.offer(seq, message) or took
+    return took
 
 
 UNCONFIRMED = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Any
 
 from emitguard.states import ConnectionState
 
@@ -29,6 +30,7 @@ class ThreadSlot:
         "seq",
         "slow",
         "state",
+        "subscribers",
         "thread_id",
         "timed_out",
     )
@@ -56,6 +58,8 @@ class ThreadSlot:
         """The last delivered (seq, message) pairs, oldest first (the ``history`` option)."""
         self.history_floor = 0
         """The highest seq that fell out of ``history``."""
+        self.subscribers: list[Any] = []
+        """Open :class:`~emitguard.subscriptions.Subscription` objects of the thread."""
 
     def remember(self, seq: int, message: object, size: int) -> None:
         """Keep a delivered message in the replay window of ``size`` messages."""

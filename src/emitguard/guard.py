@@ -25,6 +25,7 @@ from emitguard.errors import EmissionError
 from emitguard.outbox import Outbox, OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
 from emitguard.stats import GuardStats
+from emitguard.subscriptions import Subscription
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -172,7 +173,7 @@ class Guard(OutboxFlow):
         if slot.state is CONNECTED and not slot.busy and not slot.backlog:
             slot.busy = slot.slow = True
             try:
-                verdict, why = drive(self._attempt(call, message, False))
+                verdict, why = drive(self._attempt(call, message, False, slot, seq))
             finally:
                 slot.busy = slot.slow = False
             if verdict is Verdict.OK:
@@ -278,7 +279,7 @@ class Guard(OutboxFlow):
                 reason = self._unready_reason(slot)
             if slot.state is CONNECTED:
                 stage, attempts = "during send", 1
-                verdict, why = await self._attempt(call, message, True, slot)
+                verdict, why = await self._attempt(call, message, True, slot, seq)
                 stage, reason = None, why or ""
                 if verdict is not Verdict.RETRY:
                     outcome = Outcome.DELIVERED if verdict is Verdict.OK else Outcome.FAILED
@@ -450,6 +451,40 @@ class Guard(OutboxFlow):
             yield
         finally:
             self._leave(slot)
+
+    def subscribe(self, thread_id: str, *, maxsize: int = 1000) -> Subscription:
+        """Open a :class:`~emitguard.subscriptions.Subscription` to the thread's deliveries
+        (for a fallback transport such as Server-Sent Events). It counts as a connection of
+        the thread: the thread is associated now (its outbox flushes to it), and disconnected
+        when the last carrier goes. Open it inside :meth:`hold` after a :meth:`replay` so
+        that nothing falls between the two."""
+        check_thread_id(thread_id)
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1:
+            raise ValueError(f"maxsize must be an int >= 1, got {maxsize!r}")
+        slot = self._slot(thread_id)
+        subscription = Subscription(thread_id, maxsize, self._unsubscribed)
+        slot.subscribers.append(subscription)
+        self._subscribed += 1
+        self._replan()
+        self.mark_connected(thread_id, owner=subscription)
+        return subscription
+
+    def end_subscriptions(self, thread_id: str, reason: str = "ended by the server") -> int:
+        """Close every subscription of the thread (their clients reconnect and resume);
+        returns how many were open."""
+        slot = self._threads.get(thread_id)
+        open_ones = list(slot.subscribers) if slot is not None else []
+        for subscription in open_ones:
+            subscription.close(reason)
+        return len(open_ones)
+
+    def _unsubscribed(self, subscription: Subscription) -> None:
+        slot = self._threads.get(subscription.thread_id)
+        if slot is not None and subscription in slot.subscribers:
+            slot.subscribers.remove(subscription)
+            self._subscribed -= 1
+            self._replan()
+        self.disconnect_owner(subscription, f"subscription closed: {subscription.reason}")
 
     @property
     def telemetry_active(self) -> bool:
