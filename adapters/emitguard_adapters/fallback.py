@@ -1,0 +1,210 @@
+"""Fallback transports for clients that cannot keep a WebSocket: SSE and polling.
+
+``emitguard_routes(guard, authorize=...)`` returns two Starlette routes on the guard's seq
+space (the same ``seq`` a WebSocket client of :class:`~emitguard_adapters.starlette.ThreadHub`
+sees):
+
+- ``GET {prefix}/threads/{thread_id}/events``: a Server-Sent Events stream (framed by
+  sse-starlette). Each event has ``id: <seq>``, ``event: <event type>`` and the message as
+  JSON data. It resumes after the ``Last-Event-ID`` header (what a browser's ``EventSource``
+  sends when it reconnects) or a ``last_event_id`` query parameter, and sends a ``resync``
+  event when the guard's replay window no longer covers the gap. The stream is a subscription
+  of the thread (:meth:`emitguard.Guard.subscribe`): it counts as a connection, so events are
+  delivered to it rather than buffered.
+- ``GET {prefix}/threads/{thread_id}/messages?after=<seq>&limit=<n>``: a JSON page of what
+  the client missed, with the cursor of the next page.
+
+``authorize(request, thread_id)`` (sync or async) is required and must return True; a refusal
+is a 403 with no data. A thread id that is not a valid id, and a bad cursor, are a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from emitguard import Guard
+from emitguard.guard import Replay
+from emitguard.records import event_type_of
+
+__all__ = ["THREAD_ID", "emitguard_routes"]
+
+log = logging.getLogger("emitguard")
+
+THREAD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
+"""What a valid thread id looks like by default (``thread_pattern``)."""
+
+Authorize = Callable[[Request, str], "bool | Awaitable[bool]"]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def emitguard_routes(
+    guard: Guard,
+    *,
+    authorize: Authorize,
+    prefix: str = "/emitguard",
+    ping: float = 15.0,
+    retry_ms: int = 1000,
+    page_limit: int = 100,
+    max_page_limit: int = 1000,
+    thread_pattern: str = THREAD_ID,
+    queue_size: int = 1000,
+) -> list[Route]:
+    """The SSE and polling routes (see the module docstring). ``ping``: seconds between
+    keep-alive comments; ``retry_ms``: the reconnection delay the stream asks browsers for;
+    ``queue_size``: deliveries a slow stream may lag behind before it is closed (the client
+    then reconnects and resumes)."""
+    if not isinstance(guard, Guard):
+        raise TypeError(f"guard must be an emitguard.Guard, got {guard!r}")
+    if not callable(authorize):
+        raise TypeError(
+            f"authorize must be callable (there is no allow-all default), got {authorize!r}"
+        )
+    if not guard.options.history:
+        raise ValueError("emitguard_routes needs a guard with a replay window: history=N")
+    if not 1 <= page_limit <= max_page_limit:
+        raise ValueError(f"page_limit must be from 1 to max_page_limit, got {page_limit!r}")
+    valid_thread = re.compile(thread_pattern)
+    base = prefix.rstrip("/")
+
+    async def checked(request: Request) -> str:
+        thread_id = str(request.path_params["thread_id"])
+        if not valid_thread.fullmatch(thread_id):
+            raise _Refused(400, "not a valid thread id")
+        try:
+            verdict = authorize(request, thread_id)
+            if inspect.isawaitable(verdict):
+                verdict = await verdict
+        except Exception:
+            log.exception("emitguard: authorize raised for thread %r; refused", thread_id)
+            verdict = False
+        if verdict is not True:
+            raise _Refused(403, "not allowed to read this thread")
+        return thread_id
+
+    async def events(request: Request) -> Response:
+        try:
+            thread_id = await checked(request)
+            given = request.headers.get("last-event-id") or request.query_params.get(
+                "last_event_id"
+            )
+            last = _cursor(given or None, "Last-Event-ID")
+        except _Refused as refused:
+            return _error(refused)
+        async with guard.hold(thread_id):  # nothing of the thread is delivered meanwhile
+            replay = guard.replay(thread_id, after=last) if last is not None else None
+            subscription = guard.subscribe(thread_id, maxsize=queue_size)
+
+        shutdown = anyio.Event()  # set by sse-starlette when the server shuts down
+
+        async def end_on_shutdown() -> None:
+            await shutdown.wait()
+            subscription.close("server shutting down")
+
+        async def stream() -> AsyncIterator[ServerSentEvent]:
+            watcher = asyncio.ensure_future(end_on_shutdown())
+            try:
+                yield ServerSentEvent(comment="emitguard", retry=retry_ms)
+                if replay is not None and not replay.complete:
+                    yield ServerSentEvent(
+                        json.dumps(_resync(thread_id, last, replay)), event="resync"
+                    )
+                elif replay is not None:
+                    for seq, message in replay.messages:
+                        yield _event(seq, message)
+                async for seq, message in subscription:
+                    yield _event(seq, message)
+            finally:
+                watcher.cancel()
+                subscription.close("stream ended")
+
+        return EventSourceResponse(
+            stream(),
+            ping=ping,
+            shutdown_event=shutdown,
+            shutdown_grace_period=1.0,  # the stream ends itself: a clean end of the body
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            background=BackgroundTask(subscription.close, "response finished"),
+        )
+
+    async def messages(request: Request) -> Response:
+        try:
+            thread_id = await checked(request)
+            after = _cursor(request.query_params.get("after", "0"), "after")
+            limit = _cursor(request.query_params.get("limit", str(page_limit)), "limit")
+            if after is None or limit is None or not 1 <= limit <= max_page_limit:
+                raise _Refused(400, f"limit must be from 1 to {max_page_limit}")
+        except _Refused as refused:
+            return _error(refused)
+        replay = guard.replay(thread_id, after=after)
+        if not replay.complete:
+            body = {
+                **_resync(thread_id, after, replay),
+                "messages": [],
+                "next_after": replay.latest,
+                "more": False,
+            }
+            return JSONResponse(body, headers={"Cache-Control": "no-store"})
+        page = replay.messages[:limit]
+        body = {
+            "type": "page",
+            "thread_id": thread_id,
+            "messages": [{"seq": seq, "event": _kind(m), "data": m} for seq, m in page],
+            "next_after": page[-1][0] if page else after,
+            "more": len(replay.messages) > limit,
+            "latest_seq": replay.latest,
+            "recovered": True,
+        }
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    return [
+        Route(f"{base}/threads/{{thread_id}}/events", events, methods=["GET"]),
+        Route(f"{base}/threads/{{thread_id}}/messages", messages, methods=["GET"]),
+    ]
+
+
+def _cursor(text: str | None, what: str) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or len(text) > 18:
+        raise _Refused(400, f"{what} must be a whole number >= 0")
+    return int(text)
+
+
+def _kind(message: Any) -> str:
+    return event_type_of(message) or "message"
+
+
+def _event(seq: int, message: Any) -> ServerSentEvent:
+    return ServerSentEvent(json.dumps(message, default=str), id=str(seq), event=_kind(message))
+
+
+def _resync(thread_id: str, last: int | None, replay: Replay) -> dict[str, Any]:
+    return {
+        "type": "resync",
+        "thread_id": thread_id,
+        "last_seq": last,
+        "latest_seq": replay.latest,
+        "recovered": False,
+    }
+
+
+def _error(refused: _Refused) -> Response:
+    return JSONResponse({"error": str(refused)}, status_code=refused.status)
