@@ -40,7 +40,7 @@ async def read_events(response: httpx.Response, count: int) -> list[dict[str, An
     current: dict[str, str] = {}
     lines = _lines.setdefault(id(response), response.aiter_lines())
     while len(events) < count:
-        line = await asyncio.wait_for(anext(lines), 3)
+        line = await asyncio.wait_for(anext(lines), 10)
         if line == "":
             if "data" in current:
                 events.append({**current, "data": json.loads(current["data"])})
@@ -52,7 +52,7 @@ async def read_events(response: httpx.Response, count: int) -> list[dict[str, An
 
 
 async def until(condition: Any, what: str) -> None:
-    for _ in range(300):
+    for _ in range(1000):
         if condition():
             return
         await asyncio.sleep(0.01)

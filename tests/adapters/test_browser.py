@@ -1,0 +1,158 @@
+"""End to end in headless Chromium: a native EventSource resumes with Last-Event-ID.
+
+The page opens an ``EventSource`` on the SSE route. Half way through the run the server ends
+the stream (``guard.end_subscriptions``); the browser reconnects by itself, sending
+``Last-Event-ID``, and the page must end with every event exactly once, in order. Chromium is
+driven over its DevTools protocol with the ``websockets`` client. ``.ci/run`` installs Debian's
+``chromium``; elsewhere, without it, the test skips and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
+from websockets.asyncio.client import connect
+
+from emitguard import ConnectionState, Guard
+from emitguard_adapters.fallback import emitguard_routes
+from emitguard_adapters.testing import serve
+
+EVENTS = 12
+DROP_AFTER = 5
+
+PAGE = """<!doctype html>
+<title>waiting</title>
+<script>
+  window.seen = [];
+  const source = new EventSource("/emitguard/threads/run-1/events");
+  source.addEventListener("agent_update", (e) => window.seen.push(Number(e.lastEventId)));
+  source.addEventListener("agent_completed", (e) => {
+    window.seen.push(Number(e.lastEventId));
+    source.close();
+    document.title = "done";
+  });
+</script>
+"""
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Chromium: .ci/run installs Debian's chromium package")
+        pytest.skip("headless Chromium is not installed here (apt-get install chromium)")
+    return found
+
+
+@pytest.fixture
+async def browser(tmp_path: Path) -> AsyncIterator[str]:
+    """A headless Chromium; yields the address of its DevTools endpoint."""
+    profile = tmp_path / "profile"
+    process = await asyncio.create_subprocess_exec(
+        *[
+            chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--remote-debugging-port=0",
+            "about:blank",
+        ],
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        active = profile / "DevToolsActivePort"
+        for _ in range(200):
+            if active.exists() and active.read_text().count("\n") >= 1:
+                break
+            await asyncio.sleep(0.05)
+        port = active.read_text().splitlines()[0]
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)
+
+
+async def evaluate(page: Any, expression: str, ids: list[int]) -> Any:
+    ids[0] += 1
+    await page.send(
+        json.dumps(
+            {
+                "id": ids[0],
+                "method": "Runtime.evaluate",
+                "params": {"expression": expression, "returnByValue": True},
+            }
+        )
+    )
+    while True:
+        reply = json.loads(await asyncio.wait_for(page.recv(), 10))
+        if reply.get("id") == ids[0]:
+            return reply["result"]["result"].get("value")
+
+
+async def test_event_source_resumes_with_last_event_id_and_misses_nothing(
+    browser: str,
+) -> None:
+    guard = Guard(stamp_seq="seq", history=100, on_unready="buffer")
+    resumed_from: list[str | None] = []
+
+    def authorize(request: Request, thread_id: str) -> bool:
+        resumed_from.append(request.headers.get("last-event-id"))
+        return True
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    routes = [Route("/", page), *emitguard_routes(guard, authorize=authorize, retry_ms=100)]
+
+    async def connected() -> None:
+        for _ in range(500):
+            if guard.state("run-1") is ConnectionState.CONNECTED:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the page never subscribed")
+
+    async with serve(Starlette(routes=routes)) as address:
+        async with httpx.AsyncClient() as client:
+            target = (await client.put(f"http://{browser}/json/new?http://{address}/")).json()
+        async with connect(target["webSocketDebuggerUrl"], max_size=None) as devtools:
+            await connected()
+            for n in range(1, EVENTS):
+                assert await guard.send("run-1", {"type": "agent_update", "n": n}, _nowhere)
+                if n == DROP_AFTER:  # the server drops the stream; the browser comes back
+                    assert guard.end_subscriptions("run-1", "dropped by the test") == 1
+                await asyncio.sleep(0.02)
+            await connected()
+            assert await guard.send("run-1", {"type": "agent_completed"}, _nowhere)
+            ids = [0]
+            for _ in range(500):
+                if await evaluate(devtools, "document.title", ids) == "done":
+                    break
+                await asyncio.sleep(0.02)
+            seen = await evaluate(devtools, "JSON.stringify(window.seen)", ids)
+    assert json.loads(seen) == list(range(1, EVENTS + 1))
+    assert resumed_from[0] is None
+    assert str(DROP_AFTER) in resumed_from[1:]  # the browser's own reconnect said where it was
+    assert guard.stats().pending == {}
+
+
+async def _nowhere(message: Any) -> bool:
+    return False  # the page reads over SSE only: the manager has no socket for it
