@@ -318,3 +318,15 @@ def test_the_routes_refuse_a_bad_setup() -> None:
         emitguard_routes(Guard(history=1), authorize=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs a guard with a replay window"):
         emitguard_routes(Guard(), authorize=allow_any)
+
+
+async def test_an_idle_stream_gets_keep_alive_pings(server: httpx.AsyncClient) -> None:
+    async with server.stream("GET", f"{BASE}/t1/events") as response:
+        lines = response.aiter_lines()
+        comments = []
+        while len(comments) < 3:  # the opening comment, then pings every 0.2 s
+            line = await asyncio.wait_for(anext(lines), 10)
+            if line.startswith(":"):
+                comments.append(line)
+    assert comments[0] == ": emitguard"
+    assert all(comment.startswith(": ping") for comment in comments[1:])
