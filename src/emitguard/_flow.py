@@ -55,7 +55,8 @@ class OutboxFlow(GuardCore):
         if slot is not None and slot.subscribers and _fan_out(slot, seq, message):
             return Verdict.OK, None
         if probe is not None and verdict is Verdict.OK:
-            if not await probe.wait(self._confirm or 0.0):
+            carriers = slot.owners if slot is not None else ()
+            if not await probe.wait(self._confirm or 0.0, carriers):
                 return Verdict.RETRY, UNCONFIRMED
             if slot is not None:
                 for owner in probe.owners:
@@ -328,8 +329,9 @@ def _fan_out(slot: ThreadSlot, seq: int, message: Any) -> bool:
 
 
 UNCONFIRMED = (
-    "unconfirmed: the send reported success but no frame left through the transport "
-    "(a shortcut that returns True without sending?)"
+    "unconfirmed: the send reported success but no frame left through the transport, "
+    "neither from the send nor on a connection carrying the thread (a shortcut that returns "
+    "True without sending?)"
 )
 
 

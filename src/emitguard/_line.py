@@ -21,10 +21,12 @@ class ThreadSlot:
         "backlog",
         "busy",
         "flush_pending",
+        "gate",
         "history",
         "history_floor",
         "note",
         "owners",
+        "parked",
         "queue",
         "ready",
         "seq",
@@ -54,6 +56,10 @@ class ThreadSlot:
         self.note: str | None = None
         """Why the thread is in its state (for DISCONNECTED and ERROR)."""
         self.owners: set[object] = set()
+        self.parked = 0
+        """Line holders waiting on the readiness barrier (see ``Guard.hold``)."""
+        self.gate: asyncio.Future[None] | None = None
+        """Set while a ``Guard.hold`` body runs ahead of a parked line holder."""
         self.history: deque[tuple[int, object]] | None = None
         """The last delivered (seq, message) pairs, oldest first (the ``history`` option)."""
         self.history_floor = 0
@@ -111,10 +117,10 @@ class ThreadSlot:
                 ticket.set_result(None)
             except RuntimeError:  # its event loop is closed: that waiter is gone
                 continue
+            self.slow = True  # every ticket holder is a slow path
             return True
         self.busy = False
         self.slow = False
-        """The line is held by a slow path (not by a hot-path send in flight)."""
         return False
 
     def wake_ready(self, value: bool) -> None:

@@ -9,7 +9,7 @@ costs microseconds per emission.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from opentelemetry import metrics
@@ -94,14 +94,11 @@ class Instruments:
             found = _sets[meter] = cls(meter)
         return found
 
-    def _live(self) -> Iterator[Telemetry]:
-        for member in list(self.members):
-            if member.reporting:
-                yield member
-
     def _emissions(self, options: CallbackOptions) -> Iterable[Observation]:
         totals: dict[tuple[str, Outcome, str | None], int] = {}
-        for member in self._live():  # guards of one name (one manager class) add up
+        # Guards of one name (one manager class) add up; a closed guard still counts, or the
+        # cumulative counter would go down (only a guard that was garbage-collected drops out).
+        for member in list(self.members):
             for (outcome, event_type), count in dict(member.counts).items():
                 key = (member.guard_name, outcome, event_type)
                 totals[key] = totals.get(key, 0) + count
@@ -113,7 +110,7 @@ class Instruments:
 
     def _outbox_sizes(self, options: CallbackOptions) -> Iterable[Observation]:
         sizes: dict[str, int] = {}
-        for member in self._live():
+        for member in list(self.members):
             sizes[member.guard_name] = sizes.get(member.guard_name, 0) + member.outbox_size()
         for guard, size in sizes.items():
             yield Observation(size, {GUARD: guard})

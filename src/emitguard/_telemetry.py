@@ -8,6 +8,7 @@ path as without this module. Spans follow the messaging semantic conventions; se
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Callable
@@ -101,7 +102,8 @@ class Scope:
             otel_context.detach(self._context)  # type: ignore[arg-type]
             self._context = None
         if self._token is not None:
-            _scope.reset(self._token)
+            with contextlib.suppress(ValueError):  # closed from another context (teardown)
+                _scope.reset(self._token)
             self._token = None
 
 
@@ -199,12 +201,6 @@ class Telemetry:
         (the TTL sweep) must not inherit the span, or the suppression, of the send that
         happened to start it."""
         otel_context.attach(otel_context.Context())
-
-    @property
-    def reporting(self) -> bool:
-        """Whether the guard is alive and open (closed guards stop reporting metrics)."""
-        core = self._core()
-        return core is not None and not core.closed
 
     def outbox_size(self) -> int:
         core = self._core()

@@ -62,9 +62,16 @@ async def traced_send(
     probe = token = None
     if guard._confirm is not None:
         probe, token = transport.open_probe()
+    confirmed = True
     try:
-        result = await fn(*args, **kwargs)
-    except asyncio.CancelledError:
+        try:
+            result = await fn(*args, **kwargs)
+        finally:
+            if token is not None:
+                transport.close_probe(token)
+        if probe is not None and (result or result is None) and not probe.frames:
+            confirmed = await probe.wait(guard._confirm or 0.0, slot.owners)
+    except asyncio.CancelledError:  # during the send or its confirmation: keep the event
         call = Call(fn, args, kwargs, rebind)
         await _failed(
             guard, slot, seq, message, call, started, Verdict.RETRY, "cancelled", None, True
@@ -74,18 +81,14 @@ async def traced_send(
         verdict, why = judge_error(exc, guard._poison)
         call = Call(fn, args, kwargs, rebind)
         return await _failed(guard, slot, seq, message, call, started, verdict, why, exc)
-    finally:
-        if token is not None:
-            transport.close_probe(token)
-    if probe is not None and (result or result is None):
-        if not probe.frames and not await probe.wait(guard._confirm or 0.0):
-            call = Call(fn, args, kwargs, rebind)
-            return await _failed(
-                guard, slot, seq, message, call, started, Verdict.RETRY, UNCONFIRMED, None
-            )
-        if not probe.owners <= slot.owners:  # a connection not known to carry the thread
-            for owner in probe.owners - slot.owners:
-                guard._own(slot, owner)
+    if not confirmed:
+        call = Call(fn, args, kwargs, rebind)
+        return await _failed(
+            guard, slot, seq, message, call, started, Verdict.RETRY, UNCONFIRMED, None
+        )
+    if probe is not None and not probe.owners <= slot.owners:  # a new carrier connection
+        for owner in probe.owners - slot.owners:
+            guard._own(slot, owner)
     if not result and result is not None:
         verdict, reason = judge(result)
         call = Call(fn, args, kwargs, rebind)

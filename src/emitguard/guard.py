@@ -264,9 +264,13 @@ class Guard(OutboxFlow):
                 and opts.ready_timeout > 0
             ):
                 started = time.monotonic()
+                slot.parked += 1  # holding the line, waiting for the association: see hold()
                 try:
                     await self._wait_ready(slot, opts.ready_timeout)
+                    while slot.gate is not None:  # a hold stepped ahead of us: let it finish
+                        await asyncio.shield(slot.gate)
                 finally:
+                    slot.parked -= 1
                     waited = time.monotonic() - started
                 if _state_of(slot) is ConnectionState.CONNECTING:
                     slot.timed_out = True
@@ -350,7 +354,10 @@ class Guard(OutboxFlow):
         serving = transport.serving_owner()
         if serving is not None:  # a transport adapter serves a connection here: it owns it
             owner = serving
-        if self._elsewhere(self.mark_connected, thread_id, owner):
+        self._associate(thread_id, owner)
+
+    def _associate(self, thread_id: str, owner: object) -> None:
+        if self._elsewhere(self._associate, thread_id, owner):
             return
         slot = self._slot(thread_id)
         if owner is not None:
@@ -435,10 +442,26 @@ class Guard(OutboxFlow):
     @contextlib.asynccontextmanager
     async def hold(self, thread_id: str) -> AsyncIterator[None]:
         """Hold the thread's line: no delivery or flush of the thread runs meanwhile (sends
-        wait their turn, in order). For replaying to a client before it goes live."""
+        wait their turn, in order). For replaying to a client before it goes live.
+
+        When the line's holder is a send parked on the readiness barrier (the thread was
+        never associated), this does not wait for it: nothing of the thread can be delivered
+        before the association, which is what the body is about to make. The parked send,
+        woken by that association, delivers only once the body has returned.
+        """
         check_thread_id(thread_id)
         slot = self._slot(thread_id)
-        self._loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        while slot.gate is not None:  # another hold is stepping ahead of a parked send
+            await asyncio.shield(slot.gate)
+        if slot.busy and slot.parked and slot.state is ConnectionState.CONNECTING:
+            gate = slot.gate = loop.create_future()
+            try:
+                yield
+            finally:
+                slot.gate = None
+                gate.set_result(None)
+            return
         ticket = slot.take()
         if ticket is not None:
             try:
@@ -466,7 +489,7 @@ class Guard(OutboxFlow):
         slot.subscribers.append(subscription)
         self._subscribed += 1
         self._replan()
-        self.mark_connected(thread_id, owner=subscription)
+        self._associate(thread_id, subscription)  # the subscription owns it, not a connection
         return subscription
 
     def end_subscriptions(self, thread_id: str, reason: str = "ended by the server") -> int:

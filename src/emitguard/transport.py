@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar, Token
 
 __all__ = ["Probe", "frame_sent", "serving", "serving_owner"]
@@ -42,17 +42,35 @@ class Probe:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` seconds for a first frame; True when one left."""
+    async def wait(self, timeout: float, carriers: Iterable[object] = ()) -> bool:
+        """Wait up to ``timeout`` seconds for a first frame; True when one left.
+
+        Besides frames sent in the send's context (and tasks it spawned), a frame that leaves
+        meanwhile on one of ``carriers`` (the connections known to carry the thread) counts:
+        a manager whose per-socket writer task was started outside the send is seen too.
+        """
         if self.frames or timeout <= 0:
             return self.frames > 0
         self._waiter = asyncio.get_running_loop().create_future()
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(self._waiter, timeout)
+        watched = [c for c in carriers if _hashable(c)]
+        for carrier in watched:
+            _watchers.setdefault(carrier, set()).add(self)
+        try:
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(self._waiter, timeout)
+        finally:
+            for carrier in watched:
+                probes = _watchers.get(carrier)
+                if probes is not None:
+                    probes.discard(self)
+                    if not probes:
+                        del _watchers[carrier]
         return self.frames > 0
 
 
 _probe: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
+_watchers: dict[object, set[Probe]] = {}
+"""Probes waiting for a frame on a connection (only while a confirmation is late)."""
 _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
 
 
@@ -62,6 +80,17 @@ def frame_sent(owner: object = None) -> None:
     probe = _probe.get()
     if probe is not None:
         probe.sent(owner)
+    elif _watchers and _hashable(owner):
+        for waiting in list(_watchers.get(owner, ())):
+            waiting.sent(owner)
+
+
+def _hashable(value: object) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def open_probe() -> tuple[Probe, Token[Probe | None]]:
@@ -71,7 +100,10 @@ def open_probe() -> tuple[Probe, Token[Probe | None]]:
 
 
 def close_probe(token: Token[Probe | None]) -> None:
-    _probe.reset(token)
+    """Stop counting (a send's coroutine closed from elsewhere, e.g. when its event loop is
+    torn down, runs this in another context: there is nothing to restore then)."""
+    with contextlib.suppress(ValueError):
+        _probe.reset(token)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,194 @@
+"""The engine's side of transport adapters: confirmation probes, serving owners, hold/replay.
+
+These drive the engine directly (a transport is simulated by calling ``frame_sent``); the
+Starlette tests cover the same paths over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from conftest import settle
+from emitguard import ConnectionState, Guard, Outcome, transport
+from emitguard.calls import Arg
+
+
+class Connection:
+    """A stand-in for a transport's connection object (hashable by identity)."""
+
+
+async def test_cancelled_while_waiting_for_confirmation_keeps_the_event() -> None:
+    """Found in review: the wait was outside the cancellation handler; the line stayed held
+    and the event had no outcome."""
+    guard = Guard()
+    guard.confirm_deliveries(1.0)
+    guard.mark_connected("t1")
+
+    async def reports_success(message: Any) -> bool:
+        return True  # the frame would come later, or never
+
+    sending = asyncio.create_task(guard.send("t1", {"type": "a"}, reports_success))
+    await asyncio.sleep(0.05)  # inside the confirmation wait
+    sending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await sending
+    stats = guard.stats()
+    assert stats.outcomes[Outcome.BUFFERED] == 1
+    assert stats.pending == {"t1": 1}
+
+    async def sends_a_frame(message: Any) -> bool:
+        transport.frame_sent()
+        return True
+
+    # The line is free: a later send completes (buffered behind the kept one, in order).
+    assert await asyncio.wait_for(guard.send("t1", {"type": "b"}, sends_a_frame), 1.0)
+    assert guard.stats().pending == {"t1": 2}
+
+
+async def test_a_frame_on_a_carrier_connection_confirms_a_late_writer() -> None:
+    guard = Guard()
+    guard.confirm_deliveries(0.5)
+    connection = Connection()
+    with transport.serving(connection):
+        guard.mark_connected("t1", owner="user-1")  # owned by the connection being served
+    writer_queue: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def writer() -> None:  # started outside any send: it inherits no probe
+        while True:
+            await writer_queue.get()
+            await asyncio.sleep(0.01)
+            transport.frame_sent(connection)
+
+    task = asyncio.create_task(writer())
+    try:
+
+        async def enqueue(message: Any) -> bool:
+            writer_queue.put_nowait(message)
+            return True
+
+        assert await guard.send("t1", {"type": "a"}, enqueue)
+        assert await guard.send("t1", {"type": "b"}, enqueue)
+        stats = guard.stats()
+        assert stats.outcomes[Outcome.BUFFERED] == 0
+        assert stats.outcomes[Outcome.DELIVERED] == 2
+    finally:
+        task.cancel()
+
+
+async def test_unconfirmed_without_any_frame() -> None:
+    guard = Guard(ttl=None)
+    guard.confirm_deliveries(0.01)
+    guard.mark_connected("t1", owner=Connection())
+
+    async def lies(message: Any) -> bool:
+        return True
+
+    assert await guard.send("t1", {"type": "a"}, lies) is True  # kept, not lost
+    assert guard.state("t1") is ConnectionState.DISCONNECTED
+    assert guard.stats().pending == {"t1": 1}
+
+
+async def test_hold_does_not_wait_for_a_send_parked_on_the_barrier() -> None:
+    """Found in review: the parked send held the line, so hold() waited ready_timeout."""
+    guard = Guard(history=10, ready_timeout=2.0)
+
+    async def no_socket(message: Any) -> bool:
+        return False
+
+    sending = asyncio.create_task(guard.send("t1", {"type": "a"}, no_socket))
+    await settle()
+    started = time.monotonic()
+    async with guard.hold("t1"):
+        assert time.monotonic() - started < 0.5
+        subscription = guard.subscribe("t1")  # associates: the parked send wakes ...
+        await asyncio.sleep(0.02)
+        assert not sending.done()  # ... but does not deliver before the body has ended
+    assert await sending
+    assert [item async for item in _first(subscription, 1)] == [(1, {"type": "a"})]
+    assert guard.stats().outcomes[Outcome.DELIVERED] == 1
+
+
+async def _first(subscription: Any, count: int) -> Any:
+    got = 0
+    async for item in subscription:
+        yield item
+        got += 1
+        if got == count:
+            return
+
+
+async def test_hold_still_waits_for_a_delivery_in_progress() -> None:
+    guard = Guard(history=10)
+    guard.mark_connected("t1")
+    gate = asyncio.Event()
+    order: list[str] = []
+
+    async def slow(message: Any) -> bool:
+        await gate.wait()
+        order.append("delivered")
+        return True
+
+    sending = asyncio.create_task(guard.send("t1", {"type": "a"}, slow))
+    await settle()
+
+    async def holder() -> None:
+        async with guard.hold("t1"):
+            order.append("held")
+
+    holding = asyncio.create_task(holder())
+    await settle()
+    assert order == []
+    gate.set()
+    await asyncio.gather(sending, holding)
+    assert order == ["delivered", "held"]
+
+
+async def test_a_subscription_opened_while_serving_owns_itself() -> None:
+    """Found in review: the served connection took the ownership."""
+    guard = Guard()
+    connection = Connection()
+    with transport.serving(connection):
+        subscription = guard.subscribe("t1")
+    subscription.close()
+    assert guard.state("t1") is ConnectionState.DISCONNECTED
+
+
+@pytest.mark.parametrize("path", ["hot path", "confirmed fast path"])
+async def test_stats_count_a_delivery_while_a_slow_sender_holds_the_handed_on_line(
+    path: str,
+) -> None:
+    """Found in review: a fast-path send that handed the line on left ``slow`` False, so the
+    slow holder was counted as a fast-path send in flight."""
+    guard = Guard()
+    if path == "confirmed fast path":
+        guard.confirm_deliveries(0.5)
+    guard.mark_connected("t1")
+    gate = asyncio.Event()
+    second_gate = asyncio.Event()
+
+    async def first(thread_id: str, message: Any) -> bool:
+        await gate.wait()
+        transport.frame_sent()
+        return True
+
+    async def second(message: Any) -> bool:
+        await second_gate.wait()
+        transport.frame_sent()
+        return True
+
+    hot = guard.sender(Arg(0, "thread_id"), Arg(1, "message"))  # what an adapter installs
+    one = asyncio.create_task(hot(first, None, ("t1", {"n": 1}), {}))
+    await settle()
+    two = asyncio.create_task(guard.send("t1", {"n": 2}, second))  # queues: a slow path
+    await settle()
+    gate.set()
+    assert await one
+    await settle()
+    assert guard.stats().outcomes[Outcome.DELIVERED] == 1  # seq 2 holds the line, in flight
+    second_gate.set()
+    assert await two
+    assert guard.stats().outcomes[Outcome.DELIVERED] == 2
