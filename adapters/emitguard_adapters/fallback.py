@@ -47,6 +47,7 @@ THREAD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
 """What a valid thread id looks like by default (``thread_pattern``)."""
 
 Authorize = Callable[[Request, str], "bool | Awaitable[bool]"]
+_NO_STORE = {"Cache-Control": "no-store"}
 
 
 class _Refused(Exception):
@@ -102,6 +103,8 @@ def emitguard_routes(
     async def events(request: Request) -> Response:
         try:
             thread_id = await checked(request)
+            if request.method == "HEAD":  # no body: do not open a subscription for nobody
+                return Response(media_type="text/event-stream", headers=_NO_STORE)
             given = request.headers.get("last-event-id") or request.query_params.get(
                 "last_event_id"
             )
@@ -140,7 +143,7 @@ def emitguard_routes(
             ping=ping,
             shutdown_event=shutdown,
             shutdown_grace_period=1.0,  # the stream ends itself: a clean end of the body
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            headers={**_NO_STORE, "X-Accel-Buffering": "no"},
             background=BackgroundTask(subscription.close, "response finished"),
         )
 
@@ -161,7 +164,7 @@ def emitguard_routes(
                 "next_after": replay.latest,
                 "more": False,
             }
-            return JSONResponse(body, headers={"Cache-Control": "no-store"})
+            return JSONResponse(body, headers=_NO_STORE)
         page = replay.messages[:limit]
         body = {
             "type": "page",
@@ -172,7 +175,7 @@ def emitguard_routes(
             "latest_seq": replay.latest,
             "recovered": True,
         }
-        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+        return JSONResponse(body, headers=_NO_STORE)
 
     return [
         Route(f"{base}/threads/{{thread_id}}/events", events, methods=["GET"]),
@@ -183,7 +186,7 @@ def emitguard_routes(
 def _cursor(text: str | None, what: str) -> int | None:
     if text is None:
         return None
-    if not text.isdigit() or len(text) > 18:
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise _Refused(400, f"{what} must be a whole number >= 0")
     return int(text)
 

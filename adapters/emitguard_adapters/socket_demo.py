@@ -97,8 +97,9 @@ class _Server:
             await asyncio.sleep(wait)
             self.manager.update_connection_thread(plan.user_id, plan.thread_id)
             return
+        seq = last_seq if isinstance(last_seq, int) and last_seq >= 0 else 0
         async with self.guard.hold(plan.thread_id):  # the guarded endpoint's one addition
-            await replay_to(websocket, self.guard, plan.thread_id, int(last_seq or 0))
+            await replay_to(websocket, self.guard, plan.thread_id, seq)
             await asyncio.sleep(wait)
             self.manager.update_connection_thread(plan.user_id, plan.thread_id)
 

@@ -18,6 +18,7 @@ what a reconnecting client missed and stamps every message with its ``seq``.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -142,12 +143,20 @@ async def replay_to(websocket: WebSocket, guard: Guard, thread_id: str, last_seq
 
 def _bad_request(thread_id: object, last_seq: object) -> str | None:
     if not isinstance(thread_id, str) or not thread_id:
-        return f"thread_id must be a non-empty string, got {thread_id!r}"[:120]
+        return f"thread_id must be a non-empty string, got {thread_id!r}"
     if last_seq is not None and (
         isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0
     ):
-        return f"last_seq must be an int >= 0 or null, got {last_seq!r}"[:120]
+        return f"last_seq must be an int >= 0 or null, got {last_seq!r}"
     return None
+
+
+def _close_reason(text: str) -> str:
+    """A close reason within the WebSocket limit of 123 bytes of UTF-8 (cut with "...")."""
+    if len(text.encode("utf-8")) <= 123:
+        return text
+    cut = text.encode("utf-8")[:120].decode("utf-8", errors="ignore")
+    return cut + "..."
 
 
 Authorize = Callable[["WebSocket", str], "bool | Awaitable[bool]"]
@@ -200,15 +209,18 @@ class ThreadHub:
         """
         bad = _bad_request(thread_id, last_seq)
         if bad is not None:  # what a client sent: refuse it, do not raise into the endpoint
-            await websocket.close(code=1008, reason=bad)
+            await websocket.close(code=1008, reason=_close_reason(bad))
             return False
         if not await self._allowed(websocket, thread_id):
-            await websocket.close(code=1008, reason=f"not allowed to read thread {thread_id}")
+            reason = _close_reason(f"not allowed to read thread {thread_id}")
+            await websocket.close(code=1008, reason=reason)
             return False
         async with self.guard.hold(thread_id):
             if last_seq is not None:
                 await replay_to(websocket, self.guard, thread_id, last_seq)
-            self._sockets.setdefault(thread_id, []).append(websocket)
+            sockets = self._sockets.setdefault(thread_id, [])
+            if not any(known is websocket for known in sockets):  # attaching twice is one
+                sockets.append(websocket)
             self._threads_of.setdefault(id(websocket), set()).add(thread_id)
             self.guard.mark_connected(thread_id, owner=self._owner(websocket))
         return True
@@ -218,8 +230,7 @@ class ThreadHub:
         left: list[str] = []
         for thread_id in sorted(self._threads_of.pop(id(websocket), set())):
             sockets = self._sockets.get(thread_id, [])
-            if websocket in sockets:
-                sockets.remove(websocket)
+            sockets[:] = [known for known in sockets if known is not websocket]
             if not sockets:
                 self._sockets.pop(thread_id, None)
                 left.append(thread_id)
@@ -242,10 +253,13 @@ class ThreadHub:
         return len(self._sockets.get(thread_id, ()))
 
     async def _deliver(self, thread_id: str, message: dict[str, Any]) -> bool:
+        # Serialised once, outside the per-socket loop: a message that does not serialise
+        # raises here (the guard records it FAILED and goes on), and no socket is blamed.
+        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
         delivered = 0
         for websocket in list(self._sockets.get(thread_id, ())):
             try:
-                await websocket.send_json(message)
+                await websocket.send_text(text)
             except Exception as exc:  # that socket is gone; the others may still take it
                 log.debug("emitguard hub: send to %r failed: %r", websocket, exc)
                 await self.detach(websocket)

@@ -330,3 +330,29 @@ async def test_an_idle_stream_gets_keep_alive_pings(server: httpx.AsyncClient) -
                 comments.append(line)
     assert comments[0] == ": emitguard"
     assert all(comment.startswith(": ping") for comment in comments[1:])
+
+
+async def test_a_head_request_opens_no_subscription(
+    server: httpx.AsyncClient, guard: Guard
+) -> None:
+    """Found in review: HEAD subscribed, which flushed the outbox into a stream nobody read."""
+    await send(guard, "t1", "agent_update", 3)  # buffered: nobody reads t1 yet
+    response = await server.head(f"{BASE}/t1/events")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert guard.stats().pending == {"t1": 3}
+    assert guard.state("t1") is not ConnectionState.CONNECTED
+
+
+@pytest.mark.parametrize("value", ["²", "٣", "1e3", " 1", "-1"])
+async def test_cursors_that_are_not_ascii_digits_are_400(
+    server: httpx.AsyncClient, value: str
+) -> None:
+    """Found in review: str.isdigit() let '²' through to int(), a 500."""
+    for path, params in [
+        (f"{BASE}/t1/messages", {"after": value}),
+        (f"{BASE}/t1/messages", {"limit": value}),
+        (f"{BASE}/t1/events", {"last_event_id": value}),
+    ]:
+        response = await server.get(path, params=params)
+        assert response.status_code == 400, (path, params, response.text)

@@ -353,3 +353,121 @@ async def test_a_thread_stays_connected_while_another_connection_carries_it() ->
             assert guard.state("t1") is emitguard.ConnectionState.DISCONNECTED
     finally:
         emitguard.unguard(manager)
+
+
+async def test_a_message_that_does_not_serialise_fails_without_cutting_anyone_off(
+    hub_server: tuple[ThreadHub, str],
+) -> None:
+    """Found in review: the hub blamed (and detached) every socket for a message json could
+    not encode, and the message blocked the thread until its ttl."""
+    hub, address = hub_server
+    ws = await attach(address, "t1")
+    await until_attached(hub, "t1")
+    assert await hub.send("t1", {"type": "bad", "when": {1, 2}}) is False  # a set: no JSON
+    assert await hub.send("t1", {"type": "good"})
+    assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"type": "good", "seq": 2}
+    assert hub.connections("t1") == 1
+    stats = hub.guard.stats()
+    assert stats.outcomes[Outcome.FAILED] == 1
+    assert stats.pending == {}
+    await ws.close()
+
+
+async def test_a_long_refusal_reason_is_cut_to_the_protocol_limit() -> None:
+    hub = ThreadHub(authorize=lambda websocket, thread_id: False)
+    async with serve(hub_app(hub)) as address:
+        ws = await attach(address, "é" * 100)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 3)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1008
+    reason = closed.value.rcvd.reason
+    assert reason.startswith("not allowed to read thread éé")
+    assert reason.endswith("...")
+    assert len(reason.encode()) <= 123
+
+
+async def test_attaching_the_same_socket_twice_is_one_attachment() -> None:
+    hub = ThreadHub(authorize=allow_any)
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await hub.attach(websocket, "t1")
+        await hub.attach(websocket, "t1")
+        try:
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            await hub.detach(websocket)
+
+    async with serve(Starlette(routes=[WebSocketRoute("/hub", endpoint)])) as address:
+        ws = await connect(f"ws://{address}/hub")
+        await until_attached(hub, "t1")
+        assert hub.connections("t1") == 1
+        assert await hub.send("t1", {"type": "once"})
+        assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"type": "once", "seq": 1}
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ws.recv(), 0.2)
+        await ws.close()
+        for _ in range(100):
+            if not hub.connections("t1"):
+                break
+            await asyncio.sleep(0.01)
+        assert hub.connections("t1") == 0
+
+
+class WriterQueueManager(LegacyWebSocketManager):
+    """Queues each frame for a per-socket writer task started at connect time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queues: dict[str, asyncio.Queue[Any]] = {}
+
+    def connect(self, websocket: WebSocket, user_id: str) -> str:
+        connection_id = super().connect(websocket, user_id)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.queues[connection_id] = queue
+
+        async def writer() -> None:
+            while True:
+                await websocket.send_json(await queue.get())
+
+        task = asyncio.get_running_loop().create_task(writer())
+        self._writers = getattr(self, "_writers", set()) | {task}
+        return connection_id
+
+    def disconnect(self, connection_id: str) -> None:
+        super().disconnect(connection_id)
+        self.queues.pop(connection_id, None)
+
+    async def send_to_thread(self, thread_id: str, message: Any) -> bool:
+        targets = [c for c, t in self._thread_of.items() if t == thread_id]
+        for connection_id in targets:
+            self.queues[connection_id].put_nowait(message)
+        return bool(targets)
+
+
+async def test_a_writer_task_started_at_connect_time_is_confirmed() -> None:
+    """Found in review: its frames carry no probe, so every send looked unconfirmed."""
+    manager = WriterQueueManager()
+    guard = emitguard.guard(manager)
+    try:
+        app = EmitGuardMiddleware(legacy_app(manager, lag=0.02), guard=guard)
+        async with serve(app) as address:
+            got = await agent_run(address, "t1", 6)
+        assert got == EXPECTED
+        outcomes = guard.stats().outcomes
+        assert outcomes[Outcome.BUFFERED] == 0
+        assert outcomes[Outcome.DELIVERED] == len(EXPECTED)
+    finally:
+        emitguard.unguard(manager)
+        for task in getattr(manager, "_writers", ()):
+            task.cancel()
+
+
+async def until_attached(hub: ThreadHub, thread_id: str) -> None:
+    for _ in range(300):
+        if hub.connections(thread_id):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("never attached")
