@@ -39,6 +39,15 @@ async def agent_run(address: str, thread_id: str, events: int) -> list[dict[str,
         return await read_until(ws, "agent_completed")
 
 
+async def eventually(condition: Any, seconds: float = 5.0) -> None:
+    """Wait until ``condition()`` holds; fail after ``seconds``."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still false after {seconds}s: {condition}")
+
+
 EXPECTED = [{"type": "agent_update", "n": n} for n in range(6)] + [{"type": "agent_completed"}]
 
 
@@ -97,10 +106,7 @@ async def test_a_closed_connection_disconnects_its_threads() -> None:
         app = EmitGuardMiddleware(legacy_app(manager, lag=0.0), guard=guard)
         async with serve(app) as address:
             assert len(await agent_run(address, "t1", 1)) == 2
-            for _ in range(100):
-                if guard.state("t1") is emitguard.ConnectionState.DISCONNECTED:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(lambda: guard.state("t1") is emitguard.ConnectionState.DISCONNECTED)
             assert guard.state("t1") is emitguard.ConnectionState.DISCONNECTED
             assert await manager.send_to_thread("t1", {"type": "late"}) is True  # kept
             assert guard.stats().pending == {"t1": 1}
@@ -179,10 +185,7 @@ async def test_a_killed_client_reconnects_and_gets_every_event_once_in_order(
             await asyncio.sleep(0.002)
 
     ws = await attach(address, "t1")
-    for _ in range(100):
-        if hub.connections("t1"):
-            break
-        await asyncio.sleep(0.005)
+    await eventually(lambda: hub.connections("t1"))
     running = asyncio.create_task(agent())
     seen: dict[int, dict[str, Any]] = {}
     order: list[int] = []
@@ -210,10 +213,7 @@ async def test_a_client_beyond_the_window_is_told_to_resync() -> None:
     hub = ThreadHub(authorize=allow_any, history=3)
     async with serve(EmitGuardMiddleware(hub_app(hub), guard=hub.guard)) as address:
         first = await attach(address, "t1")
-        for _ in range(100):
-            if hub.connections("t1"):
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: hub.connections("t1"))
         for n in range(10):
             assert await hub.send("t1", {"type": "agent_update", "n": n})
         late = await attach(address, "t1", last_seq=2)
@@ -237,10 +237,7 @@ async def test_a_client_within_the_window_gets_what_it_missed_first(
 ) -> None:
     hub, address = hub_server
     first = await attach(address, "t1")
-    for _ in range(100):
-        if hub.connections("t1"):
-            break
-        await asyncio.sleep(0.005)
+    await eventually(lambda: hub.connections("t1"))
     for n in range(5):
         assert await hub.send("t1", {"type": "agent_update", "n": n})
     late = await attach(address, "t1", last_seq=2)
@@ -346,10 +343,7 @@ async def test_a_thread_stays_connected_while_another_connection_carries_it() ->
             assert await manager.send_to_thread("t1", {"type": "still_here"})
             assert json.loads(await asyncio.wait_for(second.recv(), 3)) == {"type": "still_here"}
             await second.close()
-            for _ in range(100):
-                if guard.state("t1") is emitguard.ConnectionState.DISCONNECTED:
-                    break
-                await asyncio.sleep(0.01)
+            await eventually(lambda: guard.state("t1") is emitguard.ConnectionState.DISCONNECTED)
             assert guard.state("t1") is emitguard.ConnectionState.DISCONNECTED
     finally:
         emitguard.unguard(manager)
@@ -409,10 +403,7 @@ async def test_attaching_the_same_socket_twice_is_one_attachment() -> None:
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(ws.recv(), 0.2)
         await ws.close()
-        for _ in range(100):
-            if not hub.connections("t1"):
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: not hub.connections("t1"))
         assert hub.connections("t1") == 0
 
 
@@ -466,8 +457,4 @@ async def test_a_writer_task_started_at_connect_time_is_confirmed() -> None:
 
 
 async def until_attached(hub: ThreadHub, thread_id: str) -> None:
-    for _ in range(300):
-        if hub.connections(thread_id):
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("never attached")
+    await eventually(lambda: hub.connections(thread_id) > 0)
