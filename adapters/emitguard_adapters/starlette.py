@@ -92,17 +92,20 @@ class EmitGuardMiddleware:
                 self._gone(connection, f"client went away (code {message.get('code', 1000)})")
             return message
 
+        frame_sent = transport.frame_sent
+
         async def send_counted(message: Message) -> None:
             kind = message["type"]
-            if kind == "websocket.close":
+            if kind == "websocket.send":  # the common case first
+                await send(message)
+                frame_sent(connection)
+            elif kind == "websocket.close":
                 try:
                     await send(message)
                 finally:
                     self._gone(connection, f"server closed it (code {message.get('code', 1000)})")
-                return
-            await send(message)
-            if kind == "websocket.send":
-                transport.frame_sent(connection)
+            else:
+                await send(message)
 
         with transport.serving(connection):
             try:

@@ -21,6 +21,7 @@ from emitguard._telemetry import SEND, Scope
 from emitguard.calls import MISSING, Call, Rebind, Verdict, judge, judge_error
 from emitguard.errors import EmissionError
 from emitguard.records import event_type_of
+from emitguard.transport import PROBE, Probe
 
 if TYPE_CHECKING:
     from emitguard.guard import Guard
@@ -60,8 +61,9 @@ async def traced_send(
     slot.busy = True
     slot.seq = seq = slot.seq + 1
     probe = token = None
-    if guard._confirm is not None:
-        probe, token = transport.open_probe()
+    if guard._confirm is not None:  # (transport.open_probe, inlined: this path is hot)
+        probe = Probe()
+        token = PROBE.set(probe)
     confirmed = True
     try:
         try:

@@ -69,6 +69,8 @@ class Probe:
 
 
 _probe: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
+PROBE = _probe
+"""The context variable of the open probe (for the engine's fast path)."""
 _watchers: dict[object, set[Probe]] = {}
 """Probes waiting for a frame on a connection (only while a confirmation is late)."""
 _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
@@ -102,8 +104,10 @@ def open_probe() -> tuple[Probe, Token[Probe | None]]:
 def close_probe(token: Token[Probe | None]) -> None:
     """Stop counting (a send's coroutine closed from elsewhere, e.g. when its event loop is
     torn down, runs this in another context: there is nothing to restore then)."""
-    with contextlib.suppress(ValueError):
+    try:
         _probe.reset(token)
+    except ValueError:
+        return
 
 
 @contextlib.contextmanager
