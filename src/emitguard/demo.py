@@ -1,4 +1,4 @@
-"""``emitguard demo``: the incident's race, run bare and then guarded, side by side.
+"""``emitguard simulate``: the incident's race in memory, run bare and then guarded, side by side.
 
 Each simulated run is one agent working on its own thread (``thread-<i>``) for its own user
 (``user-<i>``) against :class:`emitguard.testing.ReferenceManager`, the in-memory copy of the
