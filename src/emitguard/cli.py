@@ -6,7 +6,7 @@
 ``demo`` (added by the Starlette adapter through the ``emitguard_add_commands`` hook) replays
 the race of the emission failure report over real sockets: a Starlette app under uvicorn and
 ``websockets`` clients. ``simulate`` replays it in memory on a virtual clock, reproducibly and
-fast (10,000 runs in seconds). Both run bare and then guarded, print what reached the clients,
+fast (1,000 runs in about a second). Both run bare and then guarded, print what reached the clients,
 and exit 0 when the guarded run lost, duplicated and reordered nothing, 1 otherwise (2 for
 bad arguments).
 """
