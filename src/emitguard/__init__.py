@@ -10,6 +10,7 @@ and every event ends in one recorded outcome.
 
 from __future__ import annotations
 
+from emitguard._version import __version__ as __version__
 from emitguard.api import Adapted, guard, guarded, unguard
 from emitguard.errors import AdapterError, EmissionError
 from emitguard.guard import Guard, live_guards
@@ -41,5 +42,3 @@ __all__ = [
     "unguard",
     "unregister",
 ]
-
-__version__ = "0.1.0"

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
     from emitguard.guard import Guard
+    from emitguard.transport import Probe
 
 log = logging.getLogger("emitguard")
 
@@ -84,10 +85,13 @@ class GuardCore:
         self._plain = True
         """No record needed per delivery: nobody listens, no stamping, no history and no
         subscription (the hot path and the instrumented fast path need it)."""
+        self._instrumented = False
+        """Spans, metrics or transport confirmation: sends go through ``_traced``."""
         self._tel = Telemetry(self, tracer_provider, meter_provider)
         hooks.load_entry_points()
         _live.add(self)
         self.refresh()
+        hooks.call_safely("emitguard_guard_created", guard=self)
 
     def refresh(self) -> None:
         """Re-read whether anyone listens to records and whether an OpenTelemetry SDK stands
@@ -103,8 +107,8 @@ class GuardCore:
             and not self._history
             and not self._subscribed
         )
-        hot = self._plain and not self._tel.active and self._confirm is None
-        self._hot = self._threads if hot else {}
+        self._instrumented = self._tel.active or self._confirm is not None
+        self._hot = self._threads if self._plain and not self._instrumented else {}
 
     # --------------------------------------------------------------- threads
 
@@ -119,6 +123,12 @@ class GuardCore:
         key = owner_key(owner)
         slot.owners.add(key)
         self._owners.setdefault(key, set()).add(slot.thread_id)
+
+    def _adopt(self, slot: ThreadSlot, probe: Probe) -> None:
+        """The connections a confirmed delivery went through carry the thread."""
+        if not probe.owners <= slot.owners:
+            for owner in probe.owners - slot.owners:
+                self._own(slot, owner)
 
     def _set_state(self, slot: ThreadSlot, new: ConnectionState, note: str | None) -> None:
         slot.note = note

@@ -56,11 +56,10 @@ class OutboxFlow(GuardCore):
             return Verdict.OK, None
         if probe is not None and verdict is Verdict.OK:
             carriers = slot.owners if slot is not None else ()
-            if not await probe.wait(self._confirm or 0.0, carriers):
+            if not probe.frames and not await probe.wait(self._confirm or 0.0, carriers):
                 return Verdict.RETRY, UNCONFIRMED
             if slot is not None:
-                for owner in probe.owners:
-                    self._own(slot, owner)
+                self._adopt(slot, probe)
         return verdict, why
 
     async def _attempt_entry(

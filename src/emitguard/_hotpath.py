@@ -53,7 +53,7 @@ def make_sender(guard: Guard, thread: Arg, message: Arg) -> WraptWrapper:
             or slot.backlog
             or payload is None
         ):
-            if guard._tel.active or guard._confirm is not None:  # (the hot path runs without)
+            if guard._instrumented:  # spans, metrics or confirmation: not the hot path
                 return await traced_send(guard, thread_id, payload, wrapped, args, kwargs, rebind)
             return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
         slot.busy = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
@@ -34,18 +34,18 @@ from opentelemetry.trace import (
 )
 
 from emitguard._metrics import EVENT_TYPE, GUARD, OUTCOME, Instruments, meter_of
-from emitguard.records import Emission
+from emitguard._version import __version__
+from emitguard.records import Emission, event_type_of
 from emitguard.states import Outcome
 
 if TYPE_CHECKING:
     from emitguard._core import GuardCore
 
-__all__ = ["FLUSH", "REPLAY", "SEND", "Scope", "Telemetry"]
+__all__ = ["FLUSH", "SEND", "Scope", "Telemetry"]
 
 log = logging.getLogger("emitguard")
 
-VERSION = "0.1.0"
-SEND, FLUSH, REPLAY = "send", "flush", "replay"
+SEND, FLUSH = "send", "flush"
 EXPIRE, DROP, FAIL = "expire", "drop", "fail"
 _SETTLE = {Outcome.EXPIRED: EXPIRE, Outcome.DROPPED: DROP, Outcome.FAILED: FAIL}
 
@@ -144,9 +144,7 @@ class Telemetry:
         self._meter_provider = meter_provider
         self.guard_name = core.name
         self.template = options.destination_template
-        self._names = {
-            op: f"{op} {self.template}" for op in (SEND, FLUSH, REPLAY, EXPIRE, DROP, FAIL)
-        }
+        self._names = {op: f"{op} {self.template}" for op in (SEND, FLUSH, EXPIRE, DROP, FAIL)}
         self.span_hook: SpanHook | None = options.span_hook
         self._hook_failed = False
         self._tracing, self._metrics = options.tracing, options.metrics
@@ -164,7 +162,7 @@ class Telemetry:
     def refresh(self) -> bool:
         """Look for an SDK behind the providers again; True when anything changed."""
         tracer = self._find_tracer() if self._tracing else None
-        meter = meter_of(self._meter_provider, VERSION) if self._metrics else None
+        meter = meter_of(self._meter_provider, __version__) if self._metrics else None
         instruments = Instruments.of(meter) if meter is not None else None
         changed = tracer is not self.tracer or instruments is not self.instruments
         if self.instruments is not None and instruments is not self.instruments:
@@ -190,7 +188,7 @@ class Telemetry:
             return None
         if provider is self._traced_by and self.tracer is not None:
             return self.tracer
-        tracer = provider.get_tracer("emitguard", VERSION)
+        tracer = provider.get_tracer("emitguard", __version__)
         if isinstance(tracer, NoOpTracer):
             return None
         self._traced_by = provider
@@ -265,6 +263,29 @@ class Telemetry:
             self._hook_failed = True
             log.log(level, "emitguard span_hook %r raised; the send goes on", hook, exc_info=True)
 
+    @contextlib.contextmanager
+    def sending(
+        self,
+        thread_id: str,
+        message: Any,
+        seq: int = 0,
+        start_time: int | None = None,
+        error: Exception | None = None,
+    ) -> Iterator[Scope]:
+        """Run a send under its span (current meanwhile), ended with the outcome the send
+        concluded with. ``error``: the original already raised it (a failed fast delivery)."""
+        scope = Scope(
+            self.start(SEND, thread_id, seq, event_type_of(message), start_time=start_time)
+        )
+        self.hook(scope.span, thread_id, message)
+        if error is not None:
+            scope.failed(error)
+        try:
+            with scope:
+                yield scope
+        finally:
+            self.finish_send(scope)
+
     def finish_send(self, scope: Scope) -> None:
         """:meth:`finish` a send's scope and record the time it waited on the barrier."""
         record = scope.record
@@ -335,8 +356,7 @@ class Telemetry:
         instruments = self.instruments
         if instruments is None:
             return
-        key = (record.outcome, record.event_type)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        self._count(record.outcome, record.event_type)
         if record.buffered_for:
             instruments.buffer_duration.record(
                 record.buffered_for, {GUARD: self.guard_name, OUTCOME: record.outcome.value}
@@ -345,8 +365,11 @@ class Telemetry:
     def delivered(self, event_type: str | None) -> None:
         """Count a delivery that made no record (the traced fast path)."""
         if self.instruments is not None:
-            key = (Outcome.DELIVERED, event_type)
-            self.counts[key] = self.counts.get(key, 0) + 1
+            self._count(Outcome.DELIVERED, event_type)
+
+    def _count(self, outcome: Outcome, event_type: str | None) -> None:
+        key = (outcome, event_type)
+        self.counts[key] = self.counts.get(key, 0) + 1
 
 
 def _describe(span: Span, record: Emission, error: BaseException | None, send: bool) -> None:

@@ -1,9 +1,10 @@
-"""Sends while telemetry is active: each one under a span of its own.
+"""Sends while telemetry or transport confirmation is active (the guard is *instrumented*).
 
-The plain hot path (``_hotpath``) makes no record and no span, so an active guard routes every
-send here instead. A send to a CONNECTED, idle thread still takes a short path (no record, the
-delivery counted from its seq like the hot path's); every other send runs the general path
-under its span, which learns the outcome from the record the send concludes with.
+The plain hot path (``_hotpath``) makes no record, no span and no frame probe, so an
+instrumented guard routes every send here instead. A send to a CONNECTED, idle thread still
+takes a short path (no record: the delivery is counted from its seq, as on the hot path);
+every other send runs the general path under its span, which learns the outcome from the
+record the send concludes with.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from emitguard import transport
 from emitguard._core import CONNECTED, thread_name
 from emitguard._flow import UNCONFIRMED
 from emitguard._line import ThreadSlot
-from emitguard._telemetry import SEND, Scope
+from emitguard._telemetry import SEND
 from emitguard.calls import MISSING, Call, Rebind, Verdict, judge, judge_error
-from emitguard.errors import EmissionError
 from emitguard.records import event_type_of
 from emitguard.transport import PROBE, Probe
 
@@ -36,7 +36,8 @@ async def traced_send(
     kwargs: dict[str, Any],
     rebind: Rebind,
 ) -> bool:
-    """:meth:`Guard.send_call` with telemetry: a span per emission, outcomes counted.
+    """:meth:`Guard.send_call` when instrumented: a span per emission, outcomes counted,
+    deliveries confirmed by the transport.
 
     A send to a CONNECTED thread with nothing queued is delivered here, like the hot path
     does it, and gets its span when the delivery returns, started at the time of the call
@@ -64,15 +65,21 @@ async def traced_send(
     if guard._confirm is not None:  # (transport.open_probe, inlined: this path is hot)
         probe = Probe()
         token = PROBE.set(probe)
-    confirmed = True
+    verdict, why, error = Verdict.OK, None, None
     try:
         try:
             result = await fn(*args, **kwargs)
         finally:
             if token is not None:
                 transport.close_probe(token)
-        if probe is not None and (result or result is None) and not probe.frames:
-            confirmed = await probe.wait(guard._confirm or 0.0, slot.owners)
+        if not result and result is not None:
+            verdict, why = judge(result)
+        elif (
+            probe is not None
+            and not probe.frames
+            and not await probe.wait(guard._confirm or 0.0, slot.owners)
+        ):
+            verdict, why = Verdict.RETRY, UNCONFIRMED
     except asyncio.CancelledError:  # during the send or its confirmation: keep the event
         call = Call(fn, args, kwargs, rebind)
         await _failed(
@@ -81,20 +88,12 @@ async def traced_send(
         raise
     except Exception as exc:
         verdict, why = judge_error(exc, guard._poison)
+        error = exc
+    if verdict is not Verdict.OK:
         call = Call(fn, args, kwargs, rebind)
-        return await _failed(guard, slot, seq, message, call, started, verdict, why, exc)
-    if not confirmed:
-        call = Call(fn, args, kwargs, rebind)
-        return await _failed(
-            guard, slot, seq, message, call, started, Verdict.RETRY, UNCONFIRMED, None
-        )
-    if probe is not None and not probe.owners <= slot.owners:  # a new carrier connection
-        for owner in probe.owners - slot.owners:
-            guard._own(slot, owner)
-    if not result and result is not None:
-        verdict, reason = judge(result)
-        call = Call(fn, args, kwargs, rebind)
-        return await _failed(guard, slot, seq, message, call, started, verdict, reason or "", None)
+        return await _failed(guard, slot, seq, message, call, started, verdict, why or "", error)
+    if probe is not None:
+        guard._adopt(slot, probe)
     if slot.queue or slot.backlog:
         guard._leave(slot)
     else:
@@ -110,20 +109,8 @@ async def traced_send(
 
 
 async def _send_general(guard: Guard, thread_id: Any, message: Any, call: Call) -> bool:
-    tel = guard._tel
-    name = thread_name(thread_id)
-    scope = Scope(tel.start(SEND, name, 0, event_type_of(message)))
-    tel.hook(scope.span, name, message)
-    try:
-        with scope:
-            try:
-                return await guard._send_slow(thread_id, message, call)
-            except EmissionError:
-                raise
-            except Exception as exc:
-                return guard._fault(thread_id, message, exc)
-    finally:
-        tel.finish_send(scope)
+    with guard._tel.sending(thread_name(thread_id), message):
+        return await guard._send_guarded(thread_id, message, call)
 
 
 async def _failed(
@@ -138,34 +125,13 @@ async def _failed(
     error: Exception | None,
     cancelled: bool = False,
 ) -> bool:
-    """A traced fast-path delivery failed (or was cancelled): open its span and let the
-    outbox take over under it."""
-    tel = guard._tel
-    event_type = event_type_of(message)
-    scope = Scope(tel.start(SEND, slot.thread_id, seq, event_type, start_time=started or None))
-    tel.hook(scope.span, slot.thread_id, message)
-    if error is not None:
-        scope.failed(error)
-    try:
-        with scope:
-            return await guard._failed_fast(slot, seq, message, call, verdict, why, cancelled)
-    finally:
-        tel.finish_send(scope)
+    """A traced fast-path delivery failed (or its sender was cancelled): open its span and
+    let the outbox take over under it."""
+    with guard._tel.sending(slot.thread_id, message, seq, started or None, error):
+        return await guard._failed_fast(slot, seq, message, call, verdict, why, cancelled)
 
 
 def traced_send_sync(guard: Guard, thread_id: Any, message: Any, call: Call) -> bool:
     """:meth:`Guard.send_sync_call` with telemetry."""
-    tel = guard._tel
-    name = thread_name(thread_id)
-    scope = Scope(tel.start(SEND, name, 0, event_type_of(message)))
-    tel.hook(scope.span, name, message)
-    try:
-        with scope:
-            try:
-                return guard._send_sync(thread_id, message, call)
-            except EmissionError:
-                raise
-            except Exception as exc:
-                return guard._fault(thread_id, message, exc)
-    finally:
-        tel.finish_send(scope)
+    with guard._tel.sending(thread_name(thread_id), message):
+        return guard._send_sync_guarded(thread_id, message, call)

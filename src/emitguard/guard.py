@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from emitguard import hooks, transport
+from emitguard import transport
 from emitguard._core import CONNECTED, check_thread_id, live_guards, owner_key, thread_name
 from emitguard._flow import OutboxFlow
 from emitguard._hotpath import make_sender, make_sync_sender
@@ -22,14 +22,13 @@ from emitguard._line import ThreadSlot
 from emitguard._traced import traced_send, traced_send_sync
 from emitguard.calls import Arg, Call, Rebind, Verdict, WraptWrapper, rebind_only
 from emitguard.errors import EmissionError
-from emitguard.outbox import Outbox, OutboxEntry, drive
+from emitguard.outbox import OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
 from emitguard.stats import GuardStats
 from emitguard.subscriptions import Subscription
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import MeterProvider
-    from opentelemetry.trace import TracerProvider
+    pass
 
 __all__ = ["GUARD_ARGUMENTS", "Guard", "GuardStats", "Replay", "live_guards"]
 
@@ -64,24 +63,6 @@ class Guard(OutboxFlow):
     see ``docs/tracing.md``). Most users get a guard from :func:`emitguard.guard` rather than
     building one.
     """
-
-    def __init__(
-        self,
-        *,
-        outbox: Outbox | None = None,
-        name: str | None = None,
-        tracer_provider: TracerProvider | None = None,
-        meter_provider: MeterProvider | None = None,
-        **options: Any,
-    ):
-        super().__init__(
-            outbox=outbox,
-            name=name,
-            tracer_provider=tracer_provider,
-            meter_provider=meter_provider,
-            **options,
-        )
-        hooks.call_safely("emitguard_guard_created", guard=self)
 
     def __repr__(self) -> str:
         return f"<Guard {self.name} threads={len(self._threads)} pending={self._total}>"
@@ -121,10 +102,15 @@ class Guard(OutboxFlow):
         """:meth:`send` for adapters: the original is ``fn(*args, **kwargs)``, and
         ``rebind(args, kwargs, message)`` returns the arguments with another message in them
         (for seq stamping and for deliveries from the outbox)."""
-        if self._tel.active or self._confirm is not None:
+        if self._instrumented:
             return await traced_send(self, thread_id, message, fn, args, kwargs, rebind)
+        return await self._send_guarded(thread_id, message, Call(fn, args, kwargs, rebind))
+
+    async def _send_guarded(self, thread_id: Any, message: Any, call: Call) -> bool:
+        """The general path, with emitguard's own faults recorded, not raised (but the
+        :class:`EmissionError` of strict mode)."""
         try:
-            return await self._send_slow(thread_id, message, Call(fn, args, kwargs, rebind))
+            return await self._send_slow(thread_id, message, call)
         except EmissionError:
             raise
         except Exception as exc:
@@ -148,6 +134,10 @@ class Guard(OutboxFlow):
         call = Call(fn, args, kwargs, rebind)
         if self._tel.active:
             return traced_send_sync(self, thread_id, message, call)
+        return self._send_sync_guarded(thread_id, message, call)
+
+    def _send_sync_guarded(self, thread_id: Any, message: Any, call: Call) -> bool:
+        """:meth:`_send_guarded` for a synchronous original."""
         try:
             return self._send_sync(thread_id, message, call)
         except EmissionError:

@@ -36,11 +36,14 @@ class Probe:
 
     def sent(self, owner: object = None) -> None:
         self.frames += 1
-        if owner is not None:
-            self.owners.add(owner)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if owner is not None:
+            try:
+                self.owners.add(owner)
+            except TypeError:  # an unhashable connection: counted, not remembered
+                return
 
     async def wait(self, timeout: float, carriers: Iterable[object] = ()) -> bool:
         """Wait up to ``timeout`` seconds for a first frame; True when one left.
@@ -52,7 +55,7 @@ class Probe:
         if self.frames or timeout <= 0:
             return self.frames > 0
         self._waiter = asyncio.get_running_loop().create_future()
-        watched = [c for c in carriers if _hashable(c)]
+        watched = list(carriers)  # the guard's owner keys: hashable
         for carrier in watched:
             _watchers.setdefault(carrier, set()).add(self)
         try:
@@ -68,9 +71,8 @@ class Probe:
         return self.frames > 0
 
 
-_probe: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
-PROBE = _probe
-"""The context variable of the open probe (for the engine's fast path)."""
+PROBE: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
+"""The probe open in this context (the engine's fast path sets it without open_probe)."""
 _watchers: dict[object, set[Probe]] = {}
 """Probes waiting for a frame on a connection (only while a confirmation is late)."""
 _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
@@ -79,33 +81,29 @@ _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
 def frame_sent(owner: object = None) -> None:
     """A data frame left through the transport (of connection ``owner``, if known, and
     hashable)."""
-    probe = _probe.get()
+    probe = PROBE.get()
     if probe is not None:
         probe.sent(owner)
-    elif _watchers and _hashable(owner):
-        for waiting in list(_watchers.get(owner, ())):
-            waiting.sent(owner)
-
-
-def _hashable(value: object) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
+    elif _watchers:
+        try:
+            waiting = list(_watchers.get(owner, ()))
+        except TypeError:  # an unhashable connection carries no known thread
+            return
+        for late in waiting:
+            late.sent(owner)
 
 
 def open_probe() -> tuple[Probe, Token[Probe | None]]:
     """Start counting frames in the current context (the engine calls this)."""
     probe = Probe()
-    return probe, _probe.set(probe)
+    return probe, PROBE.set(probe)
 
 
 def close_probe(token: Token[Probe | None]) -> None:
     """Stop counting (a send's coroutine closed from elsewhere, e.g. when its event loop is
     torn down, runs this in another context: there is nothing to restore then)."""
     try:
-        _probe.reset(token)
+        PROBE.reset(token)
     except ValueError:
         return
 
