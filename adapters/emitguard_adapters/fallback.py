@@ -21,7 +21,6 @@ is a 403 with no data. A thread id that is not a valid id, and a bad cursor, are
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
 import re
@@ -36,8 +35,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from emitguard import Guard
-from emitguard.guard import Replay
 from emitguard.records import event_type_of
+from emitguard_adapters.starlette import authorized, resync_message
 
 __all__ = ["THREAD_ID", "emitguard_routes"]
 
@@ -89,14 +88,7 @@ def emitguard_routes(
         thread_id = str(request.path_params["thread_id"])
         if not valid_thread.fullmatch(thread_id):
             raise _Refused(400, "not a valid thread id")
-        try:
-            verdict = authorize(request, thread_id)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-        except Exception:
-            log.exception("emitguard: authorize raised for thread %r; refused", thread_id)
-            verdict = False
-        if verdict is not True:
+        if not await authorized(authorize, request, thread_id):
             raise _Refused(403, "not allowed to read this thread")
         return thread_id
 
@@ -108,7 +100,7 @@ def emitguard_routes(
             given = request.headers.get("last-event-id") or request.query_params.get(
                 "last_event_id"
             )
-            last = _cursor(given or None, "Last-Event-ID")
+            last = _cursor(given, "Last-Event-ID") if given else None
         except _Refused as refused:
             return _error(refused)
         async with guard.hold(thread_id):  # nothing of the thread is delivered meanwhile
@@ -126,9 +118,8 @@ def emitguard_routes(
             try:
                 yield ServerSentEvent(comment="emitguard", retry=retry_ms)
                 if replay is not None and not replay.complete:
-                    yield ServerSentEvent(
-                        json.dumps(_resync(thread_id, last, replay)), event="resync"
-                    )
+                    notice = resync_message(thread_id, last or 0, replay)
+                    yield ServerSentEvent(json.dumps(notice), event="resync")
                 elif replay is not None:
                     for seq, message in replay.messages:
                         yield _event(seq, message)
@@ -152,14 +143,14 @@ def emitguard_routes(
             thread_id = await checked(request)
             after = _cursor(request.query_params.get("after", "0"), "after")
             limit = _cursor(request.query_params.get("limit", str(page_limit)), "limit")
-            if after is None or limit is None or not 1 <= limit <= max_page_limit:
+            if not 1 <= limit <= max_page_limit:
                 raise _Refused(400, f"limit must be from 1 to {max_page_limit}")
         except _Refused as refused:
             return _error(refused)
         replay = guard.replay(thread_id, after=after)
         if not replay.complete:
             body = {
-                **_resync(thread_id, after, replay),
+                **resync_message(thread_id, after, replay),
                 "messages": [],
                 "next_after": replay.latest,
                 "more": False,
@@ -183,9 +174,7 @@ def emitguard_routes(
     ]
 
 
-def _cursor(text: str | None, what: str) -> int | None:
-    if text is None:
-        return None
+def _cursor(text: str, what: str) -> int:
     if not (text.isascii() and text.isdigit()) or len(text) > 18:
         raise _Refused(400, f"{what} must be a whole number >= 0")
     return int(text)
@@ -197,16 +186,6 @@ def _kind(message: Any) -> str:
 
 def _event(seq: int, message: Any) -> ServerSentEvent:
     return ServerSentEvent(json.dumps(message, default=str), id=str(seq), event=_kind(message))
-
-
-def _resync(thread_id: str, last: int | None, replay: Replay) -> dict[str, Any]:
-    return {
-        "type": "resync",
-        "thread_id": thread_id,
-        "last_seq": last,
-        "latest_seq": replay.latest,
-        "recovered": False,
-    }
 
 
 def _error(refused: _Refused) -> Response:

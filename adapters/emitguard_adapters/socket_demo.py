@@ -38,6 +38,7 @@ from emitguard.demo import (
     Progress,
     RunPlan,
     ScenarioResult,
+    counting_legacy_warnings,
     percentile,
     plan_runs,
     scenario_result,
@@ -59,14 +60,18 @@ IDLE = 1.0
 class _Server:
     """The demo app: the legacy endpoint, guarded or not, and the agents it starts."""
 
-    def __init__(self, plans: dict[str, RunPlan], guard: emitguard.Guard | None) -> None:
+    def __init__(
+        self,
+        manager: LegacyWebSocketManager,
+        plans: dict[str, RunPlan],
+        guard: emitguard.Guard | None,
+    ) -> None:
+        self.manager = manager
         self.plans = plans
         self.guard = guard
-        self.manager = LegacyWebSocketManager()
         self.agents: set[asyncio.Task[None]] = set()
 
-    def app(self, manager: LegacyWebSocketManager) -> Any:
-        self.manager = manager
+    def app(self) -> Any:
         app = Starlette(routes=[WebSocketRoute("/ws", self.endpoint)])
         return app if self.guard is None else EmitGuardMiddleware(app, guard=self.guard)
 
@@ -168,16 +173,6 @@ class _Client:
                 return
 
 
-class _Warnings(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("Cannot deliver"):
-            self.count += 1
-
-
 async def _scenario(
     name: str, config: DemoConfig, plans: list[RunPlan], progress: Progress | None
 ) -> ScenarioResult:
@@ -190,7 +185,7 @@ async def _scenario(
     listener = BarrierWaits(guard) if guard is not None else None
     if listener is not None:
         emitguard.register(listener)
-    server = _Server({plan.thread_id: plan for plan in plans}, guard)
+    server = _Server(manager, {plan.thread_id: plan for plan in plans}, guard)
     clients = [_Client(plan) for plan in plans]
     key = "seq" if guard is not None else "n"
     done = 0
@@ -204,7 +199,7 @@ async def _scenario(
 
     started = time.perf_counter()
     try:
-        async with serve(server.app(manager)) as address:
+        async with serve(server.app()) as address:
             if progress is not None:
                 progress(name, 0, len(clients))
             await asyncio.gather(*(one(client) for client in clients))
@@ -262,15 +257,9 @@ async def _both(config: DemoConfig, progress: Progress | None, show_logs: bool) 
     legacy = logging.getLogger(LEGACY_LOGGER)
     results: dict[str, ScenarioResult] = {}
     for name in ("unguarded", "guarded"):
-        counter = _Warnings()
-        legacy.addHandler(counter)
-        legacy.propagate = show_logs
-        try:
+        with counting_legacy_warnings(legacy, show_logs) as counter:
             result = await _scenario(name, config, plans, progress)
-        finally:
-            legacy.removeHandler(counter)
-            legacy.propagate = True
-        results[name] = dataclasses.replace(result, legacy_warnings=counter.count)
+        results[name] = dataclasses.replace(result, legacy_warnings=counter.cannot_deliver)
     return DemoReport(config, results["unguarded"], results["guarded"])
 
 
@@ -280,5 +269,5 @@ def run_socket_demo(
     progress: Progress | None = None,
     show_legacy_logs: bool = False,
 ) -> DemoReport:
-    """Run both scenarios over real loopback sockets (each in its own event loop run)."""
+    """Run both scenarios, one after the other, over real loopback sockets."""
     return asyncio.run(_both(config, progress, show_legacy_logs))

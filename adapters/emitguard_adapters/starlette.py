@@ -24,11 +24,20 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from emitguard import Guard, transport
+from emitguard.guard import Replay
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
-__all__ = ["CONNECTION", "EmitGuardMiddleware", "ThreadHub", "allow_any", "replay_to"]
+__all__ = [
+    "CONNECTION",
+    "EmitGuardMiddleware",
+    "ThreadHub",
+    "allow_any",
+    "authorized",
+    "replay_to",
+    "resync_message",
+]
 
 log = logging.getLogger("emitguard")
 
@@ -129,19 +138,36 @@ async def replay_to(websocket: WebSocket, guard: Guard, thread_id: str, last_seq
     the connection before leaving, so that no event slips between replay and live."""
     replay = guard.replay(thread_id, after=last_seq)
     if not replay.complete:
-        await websocket.send_json(
-            {
-                "type": "resync",
-                "thread_id": thread_id,
-                "last_seq": last_seq,
-                "latest_seq": replay.latest,
-                "recovered": False,
-            }
-        )
+        await websocket.send_json(resync_message(thread_id, last_seq, replay))
         return False
     for _, message in replay.messages:
         await websocket.send_json(message)
     return True
+
+
+def resync_message(thread_id: str, last_seq: int, replay: Replay) -> dict[str, Any]:
+    """What a client that missed more than the replay window holds is told (every transport
+    sends the same): it must reload the thread's state."""
+    return {
+        "type": "resync",
+        "thread_id": thread_id,
+        "last_seq": last_seq,
+        "latest_seq": replay.latest,
+        "recovered": False,
+    }
+
+
+async def authorized(authorize: Callable[[Any, str], Any], subject: Any, thread_id: str) -> bool:
+    """Ask ``authorize(subject, thread_id)`` (sync or async): only ``True`` allows; an
+    exception refuses, and is logged."""
+    try:
+        verdict = authorize(subject, thread_id)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+    except Exception:
+        log.exception("emitguard: authorize raised for thread %r; refused", thread_id)
+        return False
+    return verdict is True
 
 
 def _bad_request(thread_id: object, last_seq: object) -> str | None:
@@ -196,7 +222,6 @@ class ThreadHub:
         if guard.options.stamp_seq is None or not guard.options.history:
             raise ValueError("ThreadHub needs a guard built with stamp_seq= and history=")
         self.guard = guard
-        self.seq_key = guard.options.stamp_seq
         self._authorize = authorize
         self._sockets: dict[str, list[WebSocket]] = {}
         self._threads_of: dict[int, set[str]] = {}
@@ -214,7 +239,7 @@ class ThreadHub:
         if bad is not None:  # what a client sent: refuse it, do not raise into the endpoint
             await websocket.close(code=1008, reason=_close_reason(bad))
             return False
-        if not await self._allowed(websocket, thread_id):
+        if not await authorized(self._authorize, websocket, thread_id):
             reason = _close_reason(f"not allowed to read thread {thread_id}")
             await websocket.close(code=1008, reason=reason)
             return False
@@ -269,16 +294,6 @@ class ThreadHub:
             else:
                 delivered += 1
         return delivered > 0
-
-    async def _allowed(self, websocket: WebSocket, thread_id: str) -> bool:
-        try:
-            verdict = self._authorize(websocket, thread_id)
-            if inspect.isawaitable(verdict):
-                verdict = await verdict
-        except Exception:
-            log.exception("emitguard hub: authorize raised for thread %r; refused", thread_id)
-            return False
-        return verdict is True
 
     @staticmethod
     def _owner(websocket: WebSocket) -> object:

@@ -26,12 +26,13 @@ are the only numbers that vary between two runs with the same seed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import emitguard
@@ -47,11 +48,13 @@ __all__ = [
     "DemoConfig",
     "DemoReport",
     "DropPlan",
+    "LegacyWarnings",
     "ProgressBar",
     "RunPlan",
     "ScenarioResult",
     "Tally",
     "VirtualClockLoop",
+    "counting_legacy_warnings",
     "percentile",
     "plan_runs",
     "render_table",
@@ -342,7 +345,7 @@ class DemoReport:
         }
 
 
-class _LegacyWarnings(logging.Handler):
+class LegacyWarnings(logging.Handler):
     """Counts the legacy manager's "Cannot deliver" warnings."""
 
     def __init__(self) -> None:
@@ -352,6 +355,19 @@ class _LegacyWarnings(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if record.getMessage().startswith(CANNOT_DELIVER):
             self.cannot_deliver += 1
+
+
+@contextlib.contextmanager
+def counting_legacy_warnings(logger: logging.Logger, show: bool) -> Iterator[LegacyWarnings]:
+    """Count the legacy manager's warnings on ``logger``; hide them unless ``show``."""
+    counter = LegacyWarnings()
+    logger.addHandler(counter)
+    logger.propagate = show
+    try:
+        yield counter
+    finally:
+        logger.removeHandler(counter)
+        logger.propagate = True
 
 
 class BarrierWaits:
@@ -378,13 +394,12 @@ async def run_unguarded(
     show_legacy_logs: bool = False,
 ) -> ScenarioResult:
     """Play the runs on a bare legacy manager."""
-    manager, counter = _legacy_manager(show_legacy_logs)
+    logger = logging.getLogger(LEGACY_LOGGER)
+    manager = ReferenceManager(logger=logger)
     resync()
     started = time.perf_counter()
-    try:
+    with counting_legacy_warnings(logger, show_legacy_logs) as counter:
         await _play_all(manager, plans, "unguarded", progress)
-    finally:
-        _detach(manager, counter)
     wall = time.perf_counter() - started
     got = tally(_received(manager, plans), "n")
     return scenario_result("unguarded", plans, got, counter.cannot_deliver, wall)
@@ -398,11 +413,10 @@ async def run_guarded(
     show_legacy_logs: bool = False,
 ) -> ScenarioResult:
     """Play the same runs on a legacy manager guarded with :func:`emitguard.guard`."""
-    manager, counter = _legacy_manager(show_legacy_logs)
-    try:
+    logger = logging.getLogger(LEGACY_LOGGER)
+    manager = ReferenceManager(logger=logger)
+    with counting_legacy_warnings(logger, show_legacy_logs) as counter:
         result = await _play_guarded(config, plans, manager, progress)
-    finally:
-        _detach(manager, counter)
     return dataclasses.replace(result, legacy_warnings=counter.cannot_deliver)
 
 
@@ -470,19 +484,6 @@ def run_demo(
         )
     finally:
         close_loop(loop)
-
-
-def _legacy_manager(show_logs: bool) -> tuple[ReferenceManager, _LegacyWarnings]:
-    logger = logging.getLogger(LEGACY_LOGGER)
-    counter = _LegacyWarnings()
-    logger.addHandler(counter)
-    logger.propagate = show_logs
-    return ReferenceManager(logger=logger), counter
-
-
-def _detach(manager: ReferenceManager, counter: _LegacyWarnings) -> None:
-    manager.logger.removeHandler(counter)
-    manager.logger.propagate = True
 
 
 def _received(manager: ReferenceManager, plans: Iterable[RunPlan]) -> dict[str, list[Any]]:
