@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -78,3 +78,13 @@ async def settle(rounds: int = 5) -> None:
     """Let scheduled callbacks and tasks run."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def eventually(condition: Callable[[], object], seconds: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (real servers take their time); fail after
+    ``seconds``."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"still false after {seconds}s: {condition}")

@@ -25,6 +25,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 from websockets.asyncio.client import connect
 
+from conftest import eventually
 from emitguard import ConnectionState, Guard
 from emitguard_adapters.fallback import emitguard_routes
 from emitguard_adapters.testing import serve
@@ -123,24 +124,20 @@ async def test_event_source_resumes_with_last_event_id_and_misses_nothing(
 
     routes = [Route("/", page), *emitguard_routes(guard, authorize=authorize, retry_ms=100)]
 
-    async def connected() -> None:
-        for _ in range(500):
-            if guard.state("run-1") is ConnectionState.CONNECTED:
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("the page never subscribed")
+    def connected() -> bool:
+        return guard.state("run-1") is ConnectionState.CONNECTED
 
     async with serve(Starlette(routes=routes)) as address:
         async with httpx.AsyncClient() as client:
             target = (await client.put(f"http://{browser}/json/new?http://{address}/")).json()
         async with connect(target["webSocketDebuggerUrl"], max_size=None) as devtools:
-            await connected()
+            await eventually(connected)
             for n in range(1, EVENTS):
                 assert await guard.send("run-1", {"type": "agent_update", "n": n}, _nowhere)
                 if n == DROP_AFTER:  # the server drops the stream; the browser comes back
                     assert guard.end_subscriptions("run-1", "dropped by the test") == 1
                 await asyncio.sleep(0.02)
-            await connected()
+            await eventually(connected)
             assert await guard.send("run-1", {"type": "agent_completed"}, _nowhere)
             ids = [0]
             for _ in range(500):

@@ -15,6 +15,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 
+from conftest import eventually
 from emitguard import ConnectionState, Guard, Outcome
 from emitguard_adapters.fallback import emitguard_routes
 from emitguard_adapters.starlette import ThreadHub, allow_any
@@ -51,14 +52,6 @@ async def read_events(response: httpx.Response, count: int) -> list[dict[str, An
     return events
 
 
-async def until(condition: Any, what: str) -> None:
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def guard() -> Guard:
     return Guard(stamp_seq="seq", history=5, on_unready="buffer", name="fallback")
@@ -85,7 +78,7 @@ async def test_the_stream_delivers_each_event_with_its_seq_type_and_json(
     async with server.stream("GET", f"{BASE}/t1/events") as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        await until(lambda: guard.state("t1") is ConnectionState.CONNECTED, "the subscription")
+        await eventually(lambda: guard.state("t1") is ConnectionState.CONNECTED)
         await send(guard, "t1", "agent_update", 2)
         assert await guard.send("t1", {"type": "agent_completed"}, no_socket)
         events = await read_events(response, 3)
@@ -104,14 +97,14 @@ async def test_a_stream_resumes_after_the_last_event_id(
     server: httpx.AsyncClient, guard: Guard, how: str
 ) -> None:
     async with server.stream("GET", f"{BASE}/t1/events") as first:
-        await until(lambda: guard.state("t1") is ConnectionState.CONNECTED, "the subscription")
+        await eventually(lambda: guard.state("t1") is ConnectionState.CONNECTED)
         await send(guard, "t1", "agent_update", 4)
         await read_events(first, 4)
     headers = {"Last-Event-ID": "2"} if how == "header" else {}
     params = {"last_event_id": "2"} if how == "query" else {}
     async with server.stream("GET", f"{BASE}/t1/events", headers=headers, params=params) as again:
         missed = await read_events(again, 2)
-        await until(lambda: guard.state("t1") is ConnectionState.CONNECTED, "the resubscription")
+        await eventually(lambda: guard.state("t1") is ConnectionState.CONNECTED)
         await send(guard, "t1", "agent_completed")
         live = await read_events(again, 1)
     assert [e["id"] for e in missed + live] == ["3", "4", "5"]
@@ -121,7 +114,7 @@ async def test_a_gap_beyond_the_window_is_a_resync_event(
     server: httpx.AsyncClient, guard: Guard
 ) -> None:
     async with server.stream("GET", f"{BASE}/t1/events") as first:
-        await until(lambda: guard.state("t1") is ConnectionState.CONNECTED, "the subscription")
+        await eventually(lambda: guard.state("t1") is ConnectionState.CONNECTED)
         await send(guard, "t1", "agent_update", 8)  # the window keeps the last 5
         await read_events(first, 8)
     async with server.stream("GET", f"{BASE}/t1/events", headers={"Last-Event-ID": "1"}) as again:
@@ -219,8 +212,8 @@ async def test_a_client_that_goes_away_leaves_the_thread(
     server: httpx.AsyncClient, guard: Guard
 ) -> None:
     async with server.stream("GET", f"{BASE}/t1/events"):
-        await until(lambda: guard.state("t1") is ConnectionState.CONNECTED, "the subscription")
-    await until(lambda: guard.state("t1") is ConnectionState.DISCONNECTED, "the departure")
+        await eventually(lambda: guard.state("t1") is ConnectionState.CONNECTED)
+    await eventually(lambda: guard.state("t1") is ConnectionState.DISCONNECTED)
     await send(guard, "t1", "agent_update")
     assert guard.stats().pending == {"t1": 1}
 
@@ -231,7 +224,7 @@ async def test_many_subscribers_on_one_thread_each_get_everything(
     streams = [server.stream("GET", f"{BASE}/t1/events") for _ in range(5)]
     responses = [await stream.__aenter__() for stream in streams]
     try:
-        await until(lambda: len(guard._threads["t1"].subscribers) == 5, "5 subscriptions")
+        await eventually(lambda: len(guard._threads["t1"].subscribers) == 5)
         await send(guard, "t1", "agent_update", 3)
         for response in responses:
             assert [e["id"] for e in await read_events(response, 3)] == ["1", "2", "3"]
@@ -247,10 +240,7 @@ async def test_one_subscriber_per_thread_gets_only_its_thread(
     streams = {t: server.stream("GET", f"{BASE}/{t}/events") for t in threads}
     responses = {t: await stream.__aenter__() for t, stream in streams.items()}
     try:
-        await until(
-            lambda: all(guard.state(t) is ConnectionState.CONNECTED for t in threads),
-            "10 subscriptions",
-        )
+        await eventually(lambda: all(guard.state(t) is ConnectionState.CONNECTED for t in threads))
         for thread_id in threads:
             await send(guard, thread_id, f"for_{thread_id}")
         for thread_id, response in responses.items():
@@ -276,7 +266,7 @@ async def test_server_shutdown_ends_open_streams(guard: Guard) -> None:
 
     async with serve(app) as address:
         task = asyncio.create_task(reader(address))
-        await until(lambda: guard.state("t1") is ConnectionState.CONNECTED, "the subscription")
+        await eventually(lambda: guard.state("t1") is ConnectionState.CONNECTED)
     await asyncio.wait_for(ended.wait(), 5)
     await task
     assert guard.state("t1") is ConnectionState.DISCONNECTED
@@ -303,9 +293,9 @@ async def test_sse_and_websocket_clients_share_one_seq_space() -> None:
         connect(f"ws://{address}/ws") as ws,
         httpx.AsyncClient() as client,
     ):
-        await until(lambda: hub.connections("t1") == 1, "the websocket")
+        await eventually(lambda: hub.connections("t1") == 1)
         async with client.stream("GET", f"http://{address}{BASE}/t1/events") as response:
-            await until(lambda: len(hub.guard._threads["t1"].subscribers) == 1, "the stream")
+            await eventually(lambda: len(hub.guard._threads["t1"].subscribers) == 1)
             assert await hub.send("t1", {"type": "agent_update"})
             [event] = await read_events(response, 1)
         frame = json.loads(await asyncio.wait_for(ws.recv(), 3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 import emitguard
-from conftest import Records
+from conftest import Records, eventually
 from emitguard import Guard, Outcome
 from emitguard_adapters.starlette import EmitGuardMiddleware, ThreadHub, allow_any
 from emitguard_adapters.testing import LegacyWebSocketManager, legacy_app, serve
@@ -39,15 +40,6 @@ async def agent_run(address: str, thread_id: str, events: int) -> list[dict[str,
         return await read_until(ws, "agent_completed")
 
 
-async def eventually(condition: Any, seconds: float = 5.0) -> None:
-    """Wait until ``condition()`` holds; fail after ``seconds``."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"still false after {seconds}s: {condition}")
-
-
 EXPECTED = [{"type": "agent_update", "n": n} for n in range(6)] + [{"type": "agent_completed"}]
 
 
@@ -63,55 +55,60 @@ async def test_unguarded_the_report_race_loses_the_first_events() -> None:
     assert got[0] != EXPECTED[0]
 
 
-async def test_guarded_with_the_middleware_every_event_arrives_in_order(records: Records) -> None:
-    manager = LegacyWebSocketManager()
-    guard = emitguard.guard(manager)
-    records.guard = guard
+@contextlib.asynccontextmanager
+async def guarded_legacy(
+    manager: LegacyWebSocketManager,
+    *,
+    lag: float = 0.02,
+    confirm_timeout: float = 0.05,
+    **guard_options: Any,
+) -> AsyncIterator[tuple[Guard, str]]:
+    """The report's legacy app, guarded in the two lines the docs show, under uvicorn."""
+    guard = emitguard.guard(manager, **guard_options)
     try:
-        app = EmitGuardMiddleware(legacy_app(manager, lag=0.02), guard=guard)
+        app = EmitGuardMiddleware(
+            legacy_app(manager, lag=lag), guard=guard, confirm_timeout=confirm_timeout
+        )
         async with serve(app) as address:
-            runs = await asyncio.gather(*(agent_run(address, f"t{i}", 6) for i in range(5)))
-        assert all(got == EXPECTED for got in runs)
-        assert manager.lost == 0
-        assert {r.outcome for r in records.items} == {Outcome.DELIVERED}
-        assert len(records.items) == 5 * len(EXPECTED)
+            yield guard, address
     finally:
         emitguard.unguard(manager)
+
+
+async def test_guarded_with_the_middleware_every_event_arrives_in_order(records: Records) -> None:
+    manager = LegacyWebSocketManager()
+    async with guarded_legacy(manager) as (guard, address):
+        records.guard = guard
+        runs = await asyncio.gather(*(agent_run(address, f"t{i}", 6) for i in range(5)))
+    assert all(got == EXPECTED for got in runs)
+    assert manager.lost == 0
+    assert {r.outcome for r in records.items} == {Outcome.DELIVERED}
+    assert len(records.items) == 5 * len(EXPECTED)
 
 
 async def test_a_manager_that_lies_about_success_is_caught(records: Records) -> None:
     manager = LegacyWebSocketManager(testing=True)
-    guard = emitguard.guard(manager, ttl=None)
-    records.guard = guard
-    try:
-        app = EmitGuardMiddleware(legacy_app(manager, lag=0.0), guard=guard, confirm_timeout=0.01)
-        async with serve(app) as address, connect(f"ws://{address}/ws") as ws:
-            await ws.send(json.dumps({"user_id": "u1", "thread_id": "t1", "events": 2}))
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(ws.recv(), 0.3)
-        assert Outcome.DELIVERED not in {r.outcome for r in records.items}
-        buffered = records.of(Outcome.BUFFERED)
-        assert buffered
-        assert buffered[0].reason is not None
-        assert buffered[0].reason.startswith("unconfirmed: the send reported success")
+    lying = guarded_legacy(manager, lag=0.0, confirm_timeout=0.01, ttl=None)
+    async with lying as (guard, address), connect(f"ws://{address}/ws") as ws:
+        records.guard = guard
+        await ws.send(json.dumps({"user_id": "u1", "thread_id": "t1", "events": 2}))
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(ws.recv(), 0.3)
         assert guard.stats().pending == {"t1": 3}
-    finally:
-        emitguard.unguard(manager)
+    assert Outcome.DELIVERED not in {r.outcome for r in records.items}
+    buffered = records.of(Outcome.BUFFERED)
+    assert buffered
+    assert buffered[0].reason is not None
+    assert buffered[0].reason.startswith("unconfirmed: the send reported success")
 
 
 async def test_a_closed_connection_disconnects_its_threads() -> None:
     manager = LegacyWebSocketManager()
-    guard = emitguard.guard(manager)
-    try:
-        app = EmitGuardMiddleware(legacy_app(manager, lag=0.0), guard=guard)
-        async with serve(app) as address:
-            assert len(await agent_run(address, "t1", 1)) == 2
-            await eventually(lambda: guard.state("t1") is emitguard.ConnectionState.DISCONNECTED)
-            assert guard.state("t1") is emitguard.ConnectionState.DISCONNECTED
-            assert await manager.send_to_thread("t1", {"type": "late"}) is True  # kept
-            assert guard.stats().pending == {"t1": 1}
-    finally:
-        emitguard.unguard(manager)
+    async with guarded_legacy(manager, lag=0.0) as (guard, address):
+        assert len(await agent_run(address, "t1", 1)) == 2
+        await eventually(lambda: guard.state("t1") is emitguard.ConnectionState.DISCONNECTED)
+        assert await manager.send_to_thread("t1", {"type": "late"}) is True  # kept
+        assert guard.stats().pending == {"t1": 1}
 
 
 async def test_http_and_other_websockets_pass_through_untouched() -> None:
@@ -305,48 +302,38 @@ async def test_frames_sent_by_tasks_the_manager_spawns_confirm_the_delivery(
     listening: bool,
 ) -> None:
     manager = SpawningManager()
-    guard = emitguard.guard(manager)
-    listener = Records(guard)
-    if listening:  # a listener sends every delivery through the general path
-        emitguard.register(listener)
-    try:
-        app = EmitGuardMiddleware(legacy_app(manager, lag=0.02), guard=guard)
-        async with serve(app) as address:
-            got = await agent_run(address, "t1", 6)
-        assert got == EXPECTED
+    async with guarded_legacy(manager) as (guard, address):
+        listener = Records(guard)
+        if listening:  # a listener sends every delivery through the general path
+            emitguard.register(listener)
+        try:
+            assert await agent_run(address, "t1", 6) == EXPECTED
+        finally:
+            if listening:
+                emitguard.unregister(listener)
         outcomes = guard.stats().outcomes
-        assert outcomes[Outcome.DELIVERED] == len(EXPECTED)
-        assert outcomes[Outcome.BUFFERED] == 0
-    finally:
-        if listening:
-            emitguard.unregister(listener)
-        emitguard.unguard(manager)
+    assert outcomes[Outcome.DELIVERED] == len(EXPECTED)
+    assert outcomes[Outcome.BUFFERED] == 0
 
 
 async def test_a_thread_stays_connected_while_another_connection_carries_it() -> None:
     manager = LegacyWebSocketManager()
-    guard = emitguard.guard(manager)
-    try:
-        app = EmitGuardMiddleware(legacy_app(manager, lag=0.0), guard=guard)
-        async with serve(app) as address:
-            hello = {"user_id": "u1", "thread_id": "t1", "events": 0}
-            first = await connect(f"ws://{address}/ws")
-            await first.send(json.dumps(hello))
-            await read_until(first, "agent_completed")
-            second = await connect(f"ws://{address}/ws")
-            await second.send(json.dumps(hello))  # its run's event goes to the first one
-            await read_until(first, "agent_completed")
-            await asyncio.sleep(0.05)  # the second connection is associated by now
-            await first.close()
-            await asyncio.sleep(0.1)
-            assert guard.state("t1") is emitguard.ConnectionState.CONNECTED
-            assert await manager.send_to_thread("t1", {"type": "still_here"})
-            assert json.loads(await asyncio.wait_for(second.recv(), 3)) == {"type": "still_here"}
-            await second.close()
-            await eventually(lambda: guard.state("t1") is emitguard.ConnectionState.DISCONNECTED)
-            assert guard.state("t1") is emitguard.ConnectionState.DISCONNECTED
-    finally:
-        emitguard.unguard(manager)
+    async with guarded_legacy(manager, lag=0.0) as (guard, address):
+        hello = {"user_id": "u1", "thread_id": "t1", "events": 0}
+        first = await connect(f"ws://{address}/ws")
+        await first.send(json.dumps(hello))
+        await read_until(first, "agent_completed")
+        second = await connect(f"ws://{address}/ws")
+        await second.send(json.dumps(hello))  # its run's event goes to the first one
+        await read_until(first, "agent_completed")
+        await asyncio.sleep(0.05)  # the second connection is associated by now
+        await first.close()
+        await asyncio.sleep(0.1)
+        assert guard.state("t1") is emitguard.ConnectionState.CONNECTED
+        assert await manager.send_to_thread("t1", {"type": "still_here"})
+        assert json.loads(await asyncio.wait_for(second.recv(), 3)) == {"type": "still_here"}
+        await second.close()
+        await eventually(lambda: guard.state("t1") is emitguard.ConnectionState.DISCONNECTED)
 
 
 async def test_a_message_that_does_not_serialise_fails_without_cutting_anyone_off(
@@ -413,6 +400,7 @@ class WriterQueueManager(LegacyWebSocketManager):
     def __init__(self) -> None:
         super().__init__()
         self.queues: dict[str, asyncio.Queue[Any]] = {}
+        self.writers: set[asyncio.Task[None]] = set()
 
     def connect(self, websocket: WebSocket, user_id: str) -> str:
         connection_id = super().connect(websocket, user_id)
@@ -423,8 +411,7 @@ class WriterQueueManager(LegacyWebSocketManager):
             while True:
                 await websocket.send_json(await queue.get())
 
-        task = asyncio.get_running_loop().create_task(writer())
-        self._writers = getattr(self, "_writers", set()) | {task}
+        self.writers.add(asyncio.get_running_loop().create_task(writer()))
         return connection_id
 
     def disconnect(self, connection_id: str) -> None:
@@ -441,19 +428,15 @@ class WriterQueueManager(LegacyWebSocketManager):
 async def test_a_writer_task_started_at_connect_time_is_confirmed() -> None:
     """Found in review: its frames carry no probe, so every send looked unconfirmed."""
     manager = WriterQueueManager()
-    guard = emitguard.guard(manager)
     try:
-        app = EmitGuardMiddleware(legacy_app(manager, lag=0.02), guard=guard)
-        async with serve(app) as address:
-            got = await agent_run(address, "t1", 6)
-        assert got == EXPECTED
-        outcomes = guard.stats().outcomes
-        assert outcomes[Outcome.BUFFERED] == 0
-        assert outcomes[Outcome.DELIVERED] == len(EXPECTED)
+        async with guarded_legacy(manager) as (guard, address):
+            assert await agent_run(address, "t1", 6) == EXPECTED
+            outcomes = guard.stats().outcomes
     finally:
-        emitguard.unguard(manager)
-        for task in getattr(manager, "_writers", ()):
+        for task in manager.writers:
             task.cancel()
+    assert outcomes[Outcome.BUFFERED] == 0
+    assert outcomes[Outcome.DELIVERED] == len(EXPECTED)
 
 
 async def until_attached(hub: ThreadHub, thread_id: str) -> None:
