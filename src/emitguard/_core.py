@@ -126,9 +126,8 @@ class GuardCore:
 
     def _adopt(self, slot: ThreadSlot, probe: Probe) -> None:
         """The connections a confirmed delivery went through carry the thread."""
-        if not probe.owners <= slot.owners:
-            for owner in probe.owners - slot.owners:
-                self._own(slot, owner)
+        for owner in probe.owners - slot.owners:
+            self._own(slot, owner)
 
     def _set_state(self, slot: ThreadSlot, new: ConnectionState, note: str | None) -> None:
         slot.note = note

@@ -65,7 +65,7 @@ async def traced_send(
     if guard._confirm is not None:  # (transport.open_probe, inlined: this path is hot)
         probe = Probe()
         token = PROBE.set(probe)
-    verdict, why, error = Verdict.OK, None, None
+    verdict = error = why = None  # verdict None: delivered
     try:
         try:
             result = await fn(*args, **kwargs)
@@ -89,10 +89,10 @@ async def traced_send(
     except Exception as exc:
         verdict, why = judge_error(exc, guard._poison)
         error = exc
-    if verdict is not Verdict.OK:
+    if verdict is not None:
         call = Call(fn, args, kwargs, rebind)
         return await _failed(guard, slot, seq, message, call, started, verdict, why or "", error)
-    if probe is not None:
+    if probe is not None and not probe.owners <= slot.owners:  # a new carrier connection
         guard._adopt(slot, probe)
     if slot.queue or slot.backlog:
         guard._leave(slot)
