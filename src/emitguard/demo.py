@@ -394,13 +394,11 @@ async def run_unguarded(
     show_legacy_logs: bool = False,
 ) -> ScenarioResult:
     """Play the runs on a bare legacy manager."""
-    logger = logging.getLogger(LEGACY_LOGGER)
-    manager = ReferenceManager(logger=logger)
-    resync()
-    started = time.perf_counter()
-    with counting_legacy_warnings(logger, show_legacy_logs) as counter:
+    with _legacy_manager(show_legacy_logs) as (manager, counter):
+        resync()
+        started = time.perf_counter()
         await _play_all(manager, plans, "unguarded", progress)
-    wall = time.perf_counter() - started
+        wall = time.perf_counter() - started
     got = tally(_received(manager, plans), "n")
     return scenario_result("unguarded", plans, got, counter.cannot_deliver, wall)
 
@@ -413,9 +411,7 @@ async def run_guarded(
     show_legacy_logs: bool = False,
 ) -> ScenarioResult:
     """Play the same runs on a legacy manager guarded with :func:`emitguard.guard`."""
-    logger = logging.getLogger(LEGACY_LOGGER)
-    manager = ReferenceManager(logger=logger)
-    with counting_legacy_warnings(logger, show_legacy_logs) as counter:
+    with _legacy_manager(show_legacy_logs) as (manager, counter):
         result = await _play_guarded(config, plans, manager, progress)
     return dataclasses.replace(result, legacy_warnings=counter.cannot_deliver)
 
@@ -484,6 +480,14 @@ def run_demo(
         )
     finally:
         close_loop(loop)
+
+
+@contextlib.contextmanager
+def _legacy_manager(show_logs: bool) -> Iterator[tuple[ReferenceManager, LegacyWarnings]]:
+    """A reference manager on the demo's logger, its warnings counted meanwhile."""
+    logger = logging.getLogger(LEGACY_LOGGER)
+    with counting_legacy_warnings(logger, show_logs) as counter:
+        yield ReferenceManager(logger=logger), counter
 
 
 def _received(manager: ReferenceManager, plans: Iterable[RunPlan]) -> dict[str, list[Any]]:
