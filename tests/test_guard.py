@@ -88,10 +88,10 @@ async def test_on_unready_buffer_does_not_wait(sink: Sink, records: Records) -> 
     assert sink.types("t") == ["a"]
 
 
-async def test_failed_delivery_disconnects_and_buffers_until_reassociation(
+async def test_without_retries_a_failed_delivery_disconnects_and_buffers_until_reassociation(
     sink: Sink, records: Records
 ) -> None:
-    guard = Guard()
+    guard = Guard(retry_backoff=())
     records.guard = guard
     guard.mark_connected("t")
     deliver = sink.for_thread("t")
@@ -113,7 +113,7 @@ async def test_failed_delivery_disconnects_and_buffers_until_reassociation(
 
 
 async def test_exception_from_original_is_a_failed_delivery(sink: Sink, records: Records) -> None:
-    guard = Guard()
+    guard = Guard(retry_backoff=())
     records.guard = guard
     guard.mark_connected("t")
     sink.raise_on.add("t")
@@ -408,14 +408,14 @@ def test_sync_send_without_any_loop(sink: Sink) -> None:
     assert stats.outcomes[Outcome.FLUSHED] == 1
 
 
-def test_association_after_the_loop_closed_keeps_events_buffered(sink: Sink) -> None:
+def test_association_after_the_loop_closed_flushes_in_a_private_loop(sink: Sink) -> None:
     guard = Guard(on_unready="buffer")
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(guard.send("t", event("a"), sink.for_thread("t")))
     finally:
         loop.close()
-    guard.mark_connected("t")  # the guard's loop is closed: flushed in a private loop
+    guard.mark_connected("t")  # no loop runs anywhere: flushed right here, in a private loop
     assert sink.types("t") == ["a"]
     assert guard.stats().pending_total == 0
 
@@ -456,7 +456,7 @@ async def test_internal_fault_is_recorded_not_raised(
     def broken(*args: Any) -> None:
         raise KeyError("bug")
 
-    monkeypatch.setattr(guard, "_slot", broken)
+    monkeypatch.setattr(guard._table, "take", broken)
     assert await guard.send("t", event("a"), sink.for_thread("t")) is False
     assert records.items[0].outcome is Outcome.FAILED
     assert "emitguard internal error: KeyError" in (records.items[0].reason or "")

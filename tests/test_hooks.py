@@ -64,15 +64,15 @@ def test_register_refreshes_the_hot_path_flag() -> None:
             pass
 
     guard = Guard()
-    assert guard._hot is guard._threads
+    assert guard._pipeline.fast is guard._table.slots
     listener = Listener()
     emitguard.register(listener)
     try:
-        assert guard._hot == {}
+        assert guard._pipeline.fast == {}
     finally:
         emitguard.unregister(listener)
-    assert guard._hot is guard._threads
-    assert Guard(stamp_seq="seq")._hot == {}
+    assert guard._pipeline.fast is guard._table.slots
+    assert Guard(stamp_seq="seq")._pipeline.fast == {}
 
 
 def test_third_party_adapter_wins_before_the_manager_adapter() -> None:

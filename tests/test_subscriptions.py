@@ -123,11 +123,11 @@ async def test_end_subscriptions_ends_every_reader_of_the_thread() -> None:
 async def test_with_no_subscription_left_the_hot_path_comes_back(sink: Sink) -> None:
     guard = Guard()
     guard.mark_connected("t1")
-    assert guard._hot is guard._threads
+    assert guard._pipeline.fast is guard._table.slots
     subscription = guard.subscribe("t1")
-    assert guard._hot == {}
+    assert guard._pipeline.fast == {}
     subscription.close()
-    assert guard._hot is guard._threads
+    assert guard._pipeline.fast is guard._table.slots
 
 
 def test_bad_subscriptions_are_refused() -> None:

@@ -254,7 +254,7 @@ async def test_buffered_then_flushed_gets_a_flush_span_linked_to_the_send(
 async def test_a_failed_flush_attempt_keeps_the_event_buffered(
     traced: Callable[..., Guard], exporter: InMemorySpanExporter, sink: Sink
 ) -> None:
-    guard = traced()
+    guard = traced(retry_backoff=())
     guard.mark_disconnected("t1")
     assert await guard.send("t1", event("agent_thinking"), sink.for_thread("t1"))
     sink.down.add("t1")
@@ -400,7 +400,7 @@ async def test_a_transport_error_is_recorded_but_the_event_waits(
 async def test_a_falsy_return_on_the_fast_path_buffers(
     traced: Callable[..., Guard], exporter: InMemorySpanExporter, sink: Sink
 ) -> None:
-    guard = traced()
+    guard = traced(retry_backoff=())
     guard.mark_connected("t1")
     sink.down.add("t1")
     assert await guard.send("t1", event("agent_thinking"), sink.for_thread("t1")) is True
@@ -766,7 +766,7 @@ async def test_the_ttl_sweep_inherits_neither_span_nor_suppression(
 async def test_a_flush_span_does_not_carry_the_barrier_wait(
     traced: Callable[..., Guard], exporter: InMemorySpanExporter, sink: Sink
 ) -> None:
-    guard = traced(ready_timeout=0.02)
+    guard = traced(ready_timeout=0.02, retry_backoff=())
     assert await guard.send("t1", event("a"), sink.for_thread("t1"))  # waits, then buffered
     sink.down.add("t1")
     guard.mark_connected("t1")

@@ -25,7 +25,7 @@ async def test_cancelled_while_waiting_for_confirmation_keeps_the_event() -> Non
     """Found in review: the wait was outside the cancellation handler; the line stayed held
     and the event had no outcome."""
     guard = Guard()
-    guard.confirm_deliveries(1.0)
+    guard.confirm_deliveries(0.2)
     guard.mark_connected("t1")
 
     async def reports_success(message: Any) -> bool:
@@ -44,9 +44,12 @@ async def test_cancelled_while_waiting_for_confirmation_keeps_the_event() -> Non
         transport.frame_sent()
         return True
 
-    # The line is free: a later send completes (buffered behind the kept one, in order).
-    assert await asyncio.wait_for(guard.send("t1", {"type": "b"}, sends_a_frame), 1.0)
-    assert guard.stats().pending == {"t1": 2}
+    # The line is free again: the kept event is being sent again (a cancel says nothing of
+    # the connection), and a later send completes behind it, in order.
+    assert guard.state("t1") is ConnectionState.CONNECTED
+    assert await asyncio.wait_for(guard.send("t1", {"type": "b"}, sends_a_frame), 2.0)
+    assert guard.stats().pending == {"t1": 2}  # "a" unconfirmed again, "b" queued behind it
+    await guard.aclose()
 
 
 async def test_a_frame_on_a_carrier_connection_confirms_a_late_writer() -> None:
@@ -80,7 +83,7 @@ async def test_a_frame_on_a_carrier_connection_confirms_a_late_writer() -> None:
 
 
 async def test_unconfirmed_without_any_frame() -> None:
-    guard = Guard(ttl=None)
+    guard = Guard(ttl=None, retry_backoff=())
     guard.confirm_deliveries(0.01)
     guard.mark_connected("t1", owner=Connection())
 

@@ -1,159 +1,199 @@
-"""The outbox flow: buffering with bounds, in-order flushes, the thread's line, TTL expiry."""
+"""The outbox flow: buffering with bounds, in-order flushes, retries with backoff, TTL expiry.
+
+Everything that enters or leaves the outbox passes here, with its record. The caller of
+:meth:`Flow.buffer` and :meth:`Flow.flush_in_line` holds the thread's line; :meth:`Flow.schedule`
+starts a flush on the right event loop from anywhere.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
-from emitguard import transport
-from emitguard._core import CONNECTED, GuardCore, log
-from emitguard._line import ThreadSlot
-from emitguard._telemetry import FLUSH, Scope
-from emitguard.calls import Verdict, judge, judge_error
-from emitguard.outbox import OutboxEntry
-from emitguard.records import Emission
+from emitguard._delivery import Delivery
+from emitguard._loops import Signal, alive, call_on, later, running_loop
+from emitguard._recorder import Recorder
+from emitguard._slot import ThreadSlot
+from emitguard._table import ThreadTable
+from emitguard._telemetry import FLUSH, Scope, Telemetry
+from emitguard.calls import Verdict
+from emitguard.options import GuardOptions
+from emitguard.outbox import Outbox, OutboxEntry, drive
+from emitguard.records import Emission, event_type_of
 from emitguard.states import ConnectionState, Outcome
 
+__all__ = ["Flow", "expired_reason"]
 
-class OutboxFlow(GuardCore):
+log = logging.getLogger("emitguard")
+
+CONNECTED = ConnectionState.CONNECTED
+
+
+class Flow:
     """Moves emissions into the outbox and out of it again, always in ``seq`` order."""
 
-    async def _attempt(
+    def __init__(
         self,
-        deliver: Any,
+        options: GuardOptions,
+        outbox: Outbox,
+        table: ThreadTable,
+        recorder: Recorder,
+        delivery: Delivery,
+        telemetry: Telemetry,
+    ) -> None:
+        self.options = options
+        self.outbox = outbox
+        self._table = table
+        self._recorder = recorder
+        self._delivery = delivery
+        self._tel = telemetry
+        self.total = 0
+        """Entries in the outbox over all threads."""
+        self.backlogged: set[ThreadSlot] = set()
+        self.in_flight: set[tuple[Any, int]] = set()
+        """(thread, seq) of outbox entries whose delivery is under way (never evicted)."""
+        self.changed = Signal()
+        """Fired whenever an entry leaves the outbox or a thread is associated."""
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+        self.closed = False
+
+    # ------------------------------------------------------------ into it
+
+    def entry(
+        self,
+        slot: ThreadSlot,
+        seq: int,
         message: Any,
+        deliver: Any,
         is_async: bool,
-        slot: ThreadSlot | None = None,
-        seq: int = 0,
-    ) -> tuple[Verdict, str | None]:
-        """Call the original send once; cancellation propagates.
+        created_at: float,
+        attempts: int,
+        waited: float = 0.0,
+    ) -> OutboxEntry:
+        """An outbox entry for an emission of the thread."""
+        return OutboxEntry(
+            thread_id=slot.thread_id,
+            seq=seq,
+            message=message,
+            event_type=event_type_of(message),
+            created=time.monotonic() - (time.time() - created_at),
+            created_at=created_at,
+            deliver=deliver,
+            is_async=is_async,
+            attempts=attempts,
+            waited=waited,
+            loop=running_loop() if is_async else None,
+        )
 
-        While deliveries are confirmed, an async send that reports success counts only when
-        a transport saw a frame leave (:mod:`emitguard.transport`); the connections that
-        carried it then own the thread. The thread's subscriptions get the message too, and
-        one that took it makes the delivery count even when the original found no socket.
-        """
-        probe = token = None
-        if self._confirm is not None and is_async:
-            probe, token = transport.open_probe()
-        try:
-            result = deliver(message)
-            if is_async:
-                result = await result
-        except Exception as exc:
-            if self._tel.active:
-                self._tel.failed_attempt(exc)
-            failed, text = judge_error(exc, self._poison)
-            if failed is Verdict.RETRY and slot is not None and _fan_out(slot, seq, message):
-                return Verdict.OK, None
-            return failed, text
-        finally:
-            if token is not None:
-                transport.close_probe(token)
-        verdict, why = judge(result)
-        if slot is not None and slot.subscribers and _fan_out(slot, seq, message):
-            return Verdict.OK, None
-        if probe is not None and verdict is Verdict.OK:
-            carriers = slot.owners if slot is not None else ()
-            if not probe.frames and not await probe.wait(self._confirm or 0.0, carriers):
-                return Verdict.RETRY, UNCONFIRMED
-            if slot is not None:
-                self._adopt(slot, probe)
-        return verdict, why
-
-    async def _attempt_entry(
-        self, slot: ThreadSlot, entry: OutboxEntry
-    ) -> tuple[Verdict, str | None, Scope | None]:
-        """Deliver a buffered entry once, under a flush span linked to the one that buffered
-        it (when telemetry is active)."""
-        tel = self._tel
-        if not tel.active:
-            attempt = self._attempt(entry.deliver, entry.message, entry.is_async, slot, entry.seq)
-            return (*await attempt, None)
-        span = tel.start(FLUSH, entry.thread_id, entry.seq, entry.event_type, entry.link)
-        scope = Scope(span)
-        try:
-            with scope:
-                verdict, why = await self._attempt(
-                    entry.deliver, entry.message, entry.is_async, slot, entry.seq
-                )
-        except BaseException:
-            tel.finish(scope)
-            raise
-        return verdict, why, scope
-
-    async def _buffer(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> bool:
+    async def buffer(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> bool:
         """Put an emission into the outbox, applying the bounds; records what happened."""
+        recorder = self._recorder
         cannot = self.outbox.check(entry.message)
         if cannot is not None:
             outcome = Outcome.FAILED if entry.attempts else Outcome.REJECTED
-            return self._conclude(self._entry_record(entry, outcome, f"{reason}; {cannot}"))
+            return recorder.conclude(recorder.of_entry(entry, outcome, f"{reason}; {cannot}"))
         opts = self.options
         thread_full = slot.backlog >= opts.max_per_thread
-        if thread_full or self._total >= opts.max_total:
+        if thread_full or self.total >= opts.max_total:
             bound = (
                 f"max_per_thread={opts.max_per_thread}"
                 if thread_full
-                else f"max_total={opts.max_total}"
+                else (f"max_total={opts.max_total}")
             )
             full = f"outbox full, {bound}"
             if opts.overflow == "reject":
-                return self._conclude(self._entry_record(entry, Outcome.REJECTED, full))
+                return recorder.conclude(recorder.of_entry(entry, Outcome.REJECTED, full))
             if opts.overflow == "drop_newest" and entry.event_type not in opts.protect:
-                return self._conclude(
-                    self._entry_record(entry, Outcome.DROPPED, f"{full}, overflow=drop_newest")
-                )
+                why = f"{full}, overflow=drop_newest"
+                return recorder.conclude(recorder.of_entry(entry, Outcome.DROPPED, why))
             victim = await self.outbox.evict_oldest(
-                slot.thread_id if thread_full else None, opts.protect, self._in_flight
+                slot.thread_id if thread_full else None, opts.protect, self.in_flight
             )
             if victim is None:
-                return self._conclude(
-                    self._entry_record(
-                        entry, Outcome.DROPPED, f"{full}, every buffered event is protected"
-                    )
-                )
-            self._forget(victim)
-            self._left(
-                victim,
-                self._note(
-                    self._entry_record(
-                        victim,
-                        Outcome.DROPPED,
-                        f"{full}, evicted for a newer event ({opts.overflow})",
-                    )
-                ),
-            )
+                why = f"{full}, every buffered event is protected"
+                return recorder.conclude(recorder.of_entry(entry, Outcome.DROPPED, why))
+            why = f"{full}, evicted for a newer event ({opts.overflow})"
+            self._left(victim, Outcome.DROPPED, why)
         entry.buffered = time.monotonic()
         if self._tel.active and entry.link is None:
             entry.link = self._tel.current_link()
+        if entry.loop is not None:
+            slot.loop = entry.loop
         await self.outbox.push(entry)
         slot.backlog += 1
-        self._total += 1
-        self._backlogged.add(slot)
+        self.total += 1
+        self.backlogged.add(slot)
         self._ensure_sweeper()
-        return self._conclude(self._entry_record(entry, Outcome.BUFFERED, reason))
+        return recorder.conclude(recorder.of_entry(entry, Outcome.BUFFERED, reason))
 
-    async def _flush_in_line(self, slot: ThreadSlot, upto: int | None = None) -> None:
+    def buffer_now(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> bool:
+        """:meth:`buffer` from synchronous code (a synchronous outbox never suspends)."""
+        accepted: bool = drive(self.buffer(slot, entry, reason))
+        return accepted
+
+    # ---------------------------------------------------------- out of it
+
+    def retrying(self, slot: ThreadSlot) -> bool:
+        """Whether the thread waits out a retry backoff (no delivery before ``retry_at``)."""
+        return slot.retry_at > 0 and time.monotonic() < slot.retry_at
+
+    def failed(self, slot: ThreadSlot, why: str) -> str:
+        """A delivery to the thread failed: retry after a short backoff while the thread is
+        associated, and take it as disconnected once the retries are used up. Returns the
+        reason to record with the kept event."""
+        backoff = self.options.retry_backoff
+        if slot.state is CONNECTED and slot.failures < len(backoff):
+            delay = backoff[slot.failures]
+            slot.failures += 1
+            slot.retry_at = time.monotonic() + delay
+            if slot.retry is not None:
+                slot.retry.cancel()
+            slot.retry = later(delay, lambda: self._retry_due(slot))
+            return f"{why}; retry {slot.failures} of {len(backoff)} in {delay}s"
+        if slot.state is CONNECTED:
+            why = f"{why} ({len(backoff)} retries failed)" if backoff else why
+            self._table.set_state(slot, ConnectionState.DISCONNECTED, why)
+        return why
+
+    def delivered(self, slot: ThreadSlot) -> None:
+        """A delivery worked: the thread's retry count starts over."""
+        if slot.failures:
+            self.reset_retry(slot)
+
+    def reset_retry(self, slot: ThreadSlot) -> None:
+        """Forget the thread's failed deliveries (it was associated anew)."""
+        slot.failures = 0
+        slot.retry_at = 0.0
+        if slot.retry is not None:
+            slot.retry.cancel()
+            slot.retry = None
+
+    def _retry_due(self, slot: ThreadSlot) -> None:
+        slot.retry = None
+        slot.retry_at = 0.0
+        self.schedule(slot)
+
+    async def flush_in_line(self, slot: ThreadSlot, upto: int | None = None) -> None:
         """Deliver the thread's buffered emissions in order (those with ``seq <= upto``).
 
-        Stops at the first failed delivery, which disconnects the thread; an event the send
-        can never take (poison) is FAILED and the flush goes on. The caller holds the line.
+        Stops at the first failed delivery (which is retried after a backoff); an event the
+        send can never take (poison) is FAILED and the flush goes on. The caller holds the
+        line.
         """
         ttl = self.options.ttl
-        while slot.state is CONNECTED and slot.backlog:
+        while slot.state is CONNECTED and slot.backlog and not self.retrying(slot):
             entry = await self.outbox.head(slot.thread_id)
             if entry is None:
                 log.error("outbox %r lost %d event(s) of %s", self.outbox, slot.backlog, slot)
-                self._total -= slot.backlog
+                self.total -= slot.backlog
                 slot.backlog = 0
-                self._backlogged.discard(slot)
+                self.backlogged.discard(slot)
                 break
-            waiting = slot.first_waiting()
-            if (upto is not None and entry.seq > upto) or (
-                waiting is not None and entry.seq > waiting
-            ):
-                break  # an older emission is still on its way: it goes first
+            if upto is not None and entry.seq > upto:
+                break
             if ttl is not None and time.monotonic() - entry.created > ttl:
                 await self._settle(entry, Outcome.EXPIRED, expired_reason(ttl))
                 continue
@@ -162,144 +202,184 @@ class OutboxFlow(GuardCore):
                 continue
             entry.attempts += 1
             key = (entry.thread_id, entry.seq)
-            self._in_flight.add(key)  # not evicted while the send runs
+            self.in_flight.add(key)
             try:
                 verdict, why, scope = await self._attempt_entry(slot, entry)
             finally:
-                self._in_flight.discard(key)
+                self.in_flight.discard(key)
             if verdict is Verdict.RETRY:
-                why = f"flush failed: {why}"
-                self._set_state(slot, ConnectionState.DISCONNECTED, why)
+                why = self.failed(slot, f"flush failed: {why}")
                 if scope is not None:  # the span says so; the entry stays BUFFERED
-                    scope.record = self._entry_record(entry, Outcome.BUFFERED, why)
+                    scope.record = self._recorder.of_entry(entry, Outcome.BUFFERED, why)
                     self._tel.finish(scope)
                 break
             if verdict is Verdict.OK:
+                self.delivered(slot)
                 why = f"delivered from the outbox on attempt {entry.attempts}"
                 await self._settle(entry, Outcome.FLUSHED, why, scope)
             else:
                 await self._settle(entry, Outcome.FAILED, why, scope)
 
+    async def _attempt_entry(
+        self, slot: ThreadSlot, entry: OutboxEntry
+    ) -> tuple[Verdict, str | None, Scope | None]:
+        """Deliver a buffered entry once, under a flush span linked to the one that buffered
+        it (when telemetry is active)."""
+        assert entry.deliver is not None
+        args = (entry.deliver, entry.message, entry.is_async, slot, entry.seq, entry.loop)
+        tel = self._tel
+        if not tel.active:
+            return (*await self._delivery.attempt(*args), None)
+        scope = Scope(tel.start(FLUSH, entry.thread_id, entry.seq, entry.event_type, entry.link))
+        try:
+            with scope:
+                verdict, why = await self._delivery.attempt(*args)
+        except BaseException:
+            tel.finish(scope)
+            raise
+        return verdict, why, scope
+
     async def _settle(
         self, entry: OutboxEntry, outcome: Outcome, reason: str | None, scope: Scope | None = None
     ) -> None:
-        """Take an entry out of the outbox with its terminal outcome."""
+        """Take an entry out of the outbox with its terminal outcome. A backend that no
+        longer holds it still gets the entry accounted for, so no flush loops on it."""
         if not await self.outbox.remove(entry.thread_id, entry.seq):
             log.error(
-                "outbox %r no longer holds %s seq %d", self.outbox, entry.thread_id, entry.seq
+                "outbox %r no longer holds %s seq %d; counted as %s",
+                self.outbox,
+                entry.thread_id,
+                entry.seq,
+                outcome.name,
             )
-            if scope is not None:
-                self._tel.finish(scope)
-            return
-        self._forget(entry)
-        self._left(entry, self._note(self._entry_record(entry, outcome, reason)), scope)
+        self._left(entry, outcome, reason, scope)
 
-    def _left(self, entry: OutboxEntry, record: Emission, scope: Scope | None = None) -> None:
-        """Trace an entry that left the outbox: end its flush span, or give the emission a
-        short span of its own when it left without a delivery attempt."""
+    def _left(
+        self, entry: OutboxEntry, outcome: Outcome, reason: str | None, scope: Scope | None = None
+    ) -> None:
+        """Account for an entry that left the outbox, record it, and trace it: end its flush
+        span, or give the emission a short span of its own when it left without a try."""
+        self.total -= 1
+        slot = self._table.get(entry.thread_id)
+        if slot is not None:
+            slot.backlog -= 1
+            if not slot.backlog:
+                self.backlogged.discard(slot)
+                self._table.settled(slot)
+        record: Emission = self._recorder.note(self._recorder.of_entry(entry, outcome, reason))
         if scope is not None:
             scope.record = record
             self._tel.finish(scope)
         elif self._tel.active:
             self._tel.settle(record, entry.link)
+        self.changed.fire()
 
-    def _forget(self, entry: OutboxEntry) -> None:
-        """Account for an entry that left the outbox."""
-        self._total -= 1
-        slot = self._threads.get(entry.thread_id)
-        if slot is not None:
-            slot.backlog -= 1
-            if not slot.backlog:
-                self._backlogged.discard(slot)
+    # --------------------------------------------------------- flushing
 
-    # ------------------------------------------------------------- the line
-
-    def _leave(self, slot: ThreadSlot, closing: bool = False) -> None:
+    def leave(self, slot: ThreadSlot, closing: bool = False) -> None:
         """Give up the thread's line; flush what was buffered meanwhile.
 
         ``closing``: the holder's coroutine is being garbage-collected (its loop is gone);
         free the line but start nothing from there.
         """
-        if slot.hand_on() or closing:
-            return
-        if slot.backlog and slot.state is CONNECTED:
-            self._schedule_flush(slot)
+        self._table.release(slot)
+        if not closing and slot.backlog and slot.state is CONNECTED:
+            self.schedule(slot)
 
-    async def _flush_task(self, slot: ThreadSlot) -> None:
-        ticket = slot.take()
-        if ticket is not None:
+    def schedule(self, slot: ThreadSlot) -> None:
+        """Start a flush of the thread, on the loop of its sends when that loop runs, else
+        on the loop running here; with neither, in a private loop right here."""
+        if slot.flushing or self.closed:
+            return
+        here = running_loop()
+        home = slot.loop if alive(slot.loop) else here
+        if home is not None:
+            slot.flushing = True
+            if home is here:
+                self._spawn_flush(slot)
+                return
+            if call_on(home, self._spawn_flush, slot):
+                return
+            slot.flushing = False
+        self._flush_privately(slot)
+
+    def _flush_privately(self, slot: ThreadSlot) -> None:
+        """No event loop runs here, nor the one the thread's sends came from (it closed):
+        flush to the end right here, in a private loop, for a bounded time (a synchronous
+        caller is blocked meanwhile)."""
+        if not self._table.try_take(slot):
+            return  # its holder flushes when it leaves
+        limit = max(self.options.ready_timeout, 1.0)
+
+        async def flush() -> None:
             try:
-                await ticket
-            except asyncio.CancelledError:
-                slot.flush_pending = False
-                if ticket.done() and not ticket.cancelled():
-                    self._leave(slot)  # the line was handed to us just now: pass it on
-                raise  # else we never held the line: nothing to give up
-        closing = False
-        try:
-            slot.flush_pending = False
-            if slot.state is CONNECTED:
-                await self._flush_in_line(slot)
-        except GeneratorExit:
-            closing = True
-            raise
-        finally:
-            slot.flush_pending = False
-            self._leave(slot, closing)
+                await self.flush_in_line(slot)
+            finally:
+                self._table.release(slot)
 
-    def _schedule_flush(self, slot: ThreadSlot) -> None:
-        """Start a flush of the thread on an event loop, wherever this was called from."""
-        if slot.flush_pending:
-            return
         try:
-            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None:
-            slot.flush_pending = True
-            self._spawn(self._flush_task(slot))
-            return
-        known = self._loop
-        if known is not None and not known.is_closed():
-            # Running in another OS thread, or paused between run_until_complete() calls:
-            # the flush waits for that loop, where the line's holder and waiters live.
-            known.call_soon_threadsafe(self._schedule_flush, slot)
-            return
-        # No event loop is left that could run it: whoever held the thread's line died with
-        # its loop. Flush to the end right here, in a private loop.
-        if slot.busy:
-            log.warning("%s: the line's holder died with its event loop; line reset", slot)
-            slot.reset_line()
-        slot.flush_pending = True
-        limit = max(self.options.ready_timeout, 1.0)  # a sync caller is blocked meanwhile
-        try:
-            asyncio.run(asyncio.wait_for(self._flush_task(slot), limit))
+            asyncio.run(asyncio.wait_for(flush(), limit))
         except (asyncio.TimeoutError, TimeoutError):
             log.warning("%s: flush gave up after %ss; the rest stays buffered", slot, limit)
         except Exception:
             log.exception("emitguard could not flush %s", slot)
+        if slot.retry is not None and slot.retry_at:  # its timer died with the private loop
+            delay = max(slot.retry_at - time.monotonic(), 0.0)
+            slot.retry = later(delay, lambda: self._retry_due(slot))
 
-    # ----------------------------------------------------------- expiry
+    def _spawn_flush(self, slot: ThreadSlot) -> None:
+        self.spawn(self._flush_task(slot))
 
-    async def _expire(self) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run ``coro`` as a task of the running loop, tracked until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _flush_task(self, slot: ThreadSlot) -> None:
+        ticket = self._table.join(slot)
+        if ticket is not None:
+            assert ticket.future is not None
+            try:
+                await ticket.future
+            except asyncio.CancelledError:
+                slot.flushing = False
+                if ticket.future.done() and not ticket.future.cancelled():
+                    self._table.release(slot)  # the line was handed to us just now
+                raise
+        closing = False
+        try:
+            slot.flushing = False
+            await self.flush_in_line(slot)
+        except GeneratorExit:
+            closing = True
+            raise
+        finally:
+            slot.flushing = False
+            self.leave(slot, closing)
+
+    # ------------------------------------------------------------ expiry
+
+    async def expire(self) -> None:
+        """Expire what is older than the TTL in every thread not being flushed."""
         ttl = self.options.ttl
-        if ttl is None or not self._total:
+        if ttl is None or not self.total:
             return
         cutoff = time.monotonic() - ttl
-        for slot in list(self._backlogged):
-            if slot.busy:
+        for slot in list(self.backlogged):
+            if not self._table.try_take(slot):
                 continue  # its holder checks expiry before every delivery
-            for entry in await self.outbox.expire(slot.thread_id, cutoff):
-                self._forget(entry)
-                record = self._entry_record(entry, Outcome.EXPIRED, expired_reason(ttl))
-                self._left(entry, self._note(record))
+            try:
+                for entry in await self.outbox.expire(slot.thread_id, cutoff):
+                    self._left(entry, Outcome.EXPIRED, expired_reason(ttl))
+            finally:
+                self._table.release(slot)
 
     def _ensure_sweeper(self) -> None:
-        if self.options.ttl is None:
+        if self.options.ttl is None or self.closed:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+        loop = running_loop()
+        if loop is None:
             return  # stats(), drain() and flushes expire lazily
         sweeper = self._sweeper
         if sweeper is not None and not sweeper.done() and sweeper.get_loop() is loop:
@@ -314,25 +394,56 @@ class OutboxFlow(GuardCore):
         assert ttl is not None
         interval = min(max(ttl / 4, 0.01), 1.0)
         self._tel.isolate()
-        while self._total:
+        while self.total and not self.closed:
             await asyncio.sleep(interval)
-            await self._expire()
+            await self.expire()
 
+    # ------------------------------------------------------- drain, close
 
-def _fan_out(slot: ThreadSlot, seq: int, message: Any) -> bool:
-    """Hand a delivery to the thread's subscriptions; True when one took it."""
-    took = False
-    for subscription in list(slot.subscribers):
-        took = subscription.offer(seq, message) or took
-    return took
+    async def drain(self, timeout: float, busy: Any) -> int:
+        """Wait until the outbox is empty and ``busy()`` is false (no send waiting for its
+        thread), or ``timeout`` seconds passed; return how many entries are left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            await self.expire()
+            for slot in list(self.backlogged):
+                if slot.state is CONNECTED and not self.retrying(slot):
+                    self.schedule(slot)
+            remaining = deadline - time.monotonic()
+            if (not self.total and not self.tasks and not busy()) or remaining <= 0:
+                return self.total
+            await self.changed.wait(min(remaining, 0.05))
 
+    async def close(self) -> None:
+        """Stop background work and close the outbox; what is still buffered is logged."""
+        self.closed = True
+        tasks = [*self.tasks, *([self._sweeper] if self._sweeper else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._sweeper = None
+        for slot in list(self.backlogged):
+            if slot.retry is not None:
+                slot.retry.cancel()
+        self.report_left("closed")
+        await self.outbox.close()
 
-UNCONFIRMED = (
-    "unconfirmed: the send reported success but no frame left through the transport, "
-    "neither from the send nor on a connection carrying the thread (a shortcut that returns "
-    "True without sending?)"
-)
+    def report_left(self, when: str) -> None:
+        """Log what is still buffered (a memory outbox cannot keep it past the process)."""
+        if not self.total:
+            return
+        threads = sorted(repr(slot.thread_id) for slot in self.backlogged)
+        more = f" and {len(threads) - 10} more" if len(threads) > 10 else ""
+        shown = ", ".join(threads[:10]) + more
+        log.warning(
+            "emitguard guard %s with %d event(s) still buffered for %d thread(s): %s",
+            when,
+            self.total,
+            len(threads),
+            shown,
+        )
 
 
 def expired_reason(ttl: float) -> str:
+    """The reason recorded for an expired entry."""
     return f"expired after ttl={ttl}s in the outbox"

@@ -1,147 +1,93 @@
-"""Per-thread bookkeeping: state, sequence counter and a FIFO line that serialises deliveries."""
+"""A thread's line: a first-in first-out lock that works across event loops and OS threads.
+
+Whoever holds a thread's line is the only one delivering to, buffering for or flushing that
+thread. Taking a free line is one non-blocking ``Lock.acquire``; nobody ever blocks on the
+lock itself. Those who find it held wait with a :class:`~emitguard._slot.Ticket`: a future of
+their own loop, resolved on that loop when the line is handed to them. A waiter that is gone
+when its turn comes (cancelled, or its loop closed) leaves its ``keep`` work, which runs in
+its place, in order.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import threading
+from collections.abc import Callable
 from typing import Any
 
-from emitguard.states import ConnectionState
+from emitguard._loops import call_on
+from emitguard._slot import ThreadSlot, Ticket
+
+__all__ = ["Lines"]
+
+KeepWork = Callable[[ThreadSlot, Ticket], bool]
+"""``keep(slot, ticket)`` runs a gone waiter's work while the caller holds the line; True when
+done (the caller still holds the line), False when a task took the line over to finish it."""
 
 
-class ThreadSlot:
-    """Everything the guard keeps for one thread.
+class Lines:
+    """Takes, hands on and gives up the lines of one guard's threads."""
 
-    The *line* is a first-in first-out lock: whoever holds it (``busy``) is the only one
-    delivering to, buffering for or flushing this thread, so ``seq`` order is delivery order.
-    Taking a free line costs two attribute writes; waiting uses futures of the running loop.
-    """
+    def __init__(self, mutex: threading.RLock, keep: KeepWork) -> None:
+        self.mutex = mutex
+        self._keep = keep
 
-    __slots__ = (
-        "backlog",
-        "busy",
-        "flush_pending",
-        "gate",
-        "history",
-        "history_floor",
-        "note",
-        "owners",
-        "parked",
-        "queue",
-        "ready",
-        "seq",
-        "slow",
-        "state",
-        "subscribers",
-        "thread_id",
-        "timed_out",
-    )
+    def join(
+        self, slot: ThreadSlot, keep: Any = None, *, wait: bool = True
+    ) -> tuple[Ticket | None, bool]:
+        """Take the line, or get a ticket for it. Call under the mutex.
 
-    def __init__(self, thread_id: str) -> None:
-        self.thread_id = thread_id
-        self.state = ConnectionState.CONNECTING
-        self.seq = 0
-        self.backlog = 0
-        """Entries of this thread in the outbox."""
-        self.busy = False
-        self.slow = False
-        """The line is held by a slow path (not by a hot-path send in flight)."""
-        self.queue: deque[tuple[asyncio.Future[None], int | None]] | None = None
-        """Tickets waiting for the line, with the seq of the emission each one carries."""
-        self.ready: list[asyncio.Future[bool]] = []
-        """Futures of barrier waiters, resolved on association."""
-        self.timed_out = False
-        """A barrier wait timed out since the last association: later sends do not wait."""
-        self.flush_pending = False
-        self.note: str | None = None
-        """Why the thread is in its state (for DISCONNECTED and ERROR)."""
-        self.owners: set[object] = set()
-        self.parked = 0
-        """Line holders waiting on the readiness barrier (see ``Guard.hold``)."""
-        self.gate: asyncio.Future[None] | None = None
-        """Set while a ``Guard.hold`` body runs ahead of a parked line holder."""
-        self.history: deque[tuple[int, object]] | None = None
-        """The last delivered (seq, message) pairs, oldest first (the ``history`` option)."""
-        self.history_floor = 0
-        """The highest seq that fell out of ``history``."""
-        self.subscribers: list[Any] = []
-        """Open :class:`~emitguard.subscriptions.Subscription` objects of the thread."""
-
-    def remember(self, seq: int, message: object, size: int) -> None:
-        """Keep a delivered message in the replay window of ``size`` messages."""
-        history = self.history
-        if history is None:
-            history = self.history = deque()
-        history.append((seq, message))
-        while len(history) > size:
-            self.history_floor = max(self.history_floor, history.popleft()[0])
-
-    def __repr__(self) -> str:
-        return f"thread {self.thread_id}"
-
-    def take(self, seq: int | None = None) -> asyncio.Future[None] | None:
-        """Take the line if free (returns ``None``), else join it and return the ticket.
-
-        ``seq`` is the emission the ticket carries (``None`` for a flush): flushes never
-        deliver past the oldest emission still waiting in line.
+        Returns ``(None, False)`` when the line is yours now, else ``(ticket, pass_on)``:
+        await ``ticket.future`` for your turn. ``pass_on``: the holder left between our look
+        and our append, so the line is ours to hand on: call :meth:`release` right after,
+        outside the mutex. ``wait=False`` (synchronous code): the ticket has no future; its
+        ``keep`` work runs in its turn, done by whoever hands the line on.
         """
-        if not self.busy:
-            self.busy = self.slow = True
-            return None
-        if self.queue is None:
-            self.queue = deque()
-        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue.append((ticket, seq))
-        return ticket
+        if not slot.tickets and slot.lock.acquire(False):
+            return None, False
+        future = asyncio.get_running_loop().create_future() if wait else None
+        ticket = Ticket(future, keep)
+        slot.tickets.append(ticket)
+        return ticket, slot.lock.acquire(False)
 
-    def first_waiting(self) -> int | None:
-        """The seq of the oldest emission waiting in line, if any."""
-        for ticket, seq in self.queue or ():
-            if seq is not None and not ticket.done():
-                return seq
+    def release(self, slot: ThreadSlot) -> None:
+        """Give up the line: to the next waiter, after the work of any gone ones."""
+        while True:
+            with self.mutex:
+                ticket = self._pop(slot)
+                if ticket is None:
+                    slot.lock.release()
+                    return
+                if ticket.future is not None and self._grant(slot, ticket):
+                    return
+            if ticket.keep is not None and not self._keep(slot, ticket):
+                return  # a task holds the line now and releases it when done
+
+    def recheck(self, slot: ThreadSlot) -> None:
+        """After the line was released without a look at the waiters: serve any that came."""
+        if slot.tickets and slot.lock.acquire(False):
+            self.release(slot)
+
+    @staticmethod
+    def _pop(slot: ThreadSlot) -> Ticket | None:
+        while slot.tickets:
+            ticket = slot.tickets.popleft()
+            if ticket.waiting or ticket.keep is not None:
+                return ticket
         return None
 
-    def reset_line(self) -> None:
-        """Free the line whatever holds it (its holder's event loop is gone)."""
-        self.busy = self.slow = False
-        self.queue = None
+    def _grant(self, slot: ThreadSlot, ticket: Ticket) -> bool:
+        """Hand the line to a waiting ticket, on its loop; False when that loop is gone."""
+        future = ticket.future
+        assert future is not None
+        return call_on(future.get_loop(), self._granted, slot, ticket)
 
-    def hand_on(self) -> bool:
-        """Pass the line to the next live ticket; False (and the line is free) when none."""
-        queue = self.queue
-        while queue:
-            ticket, _ = queue.popleft()
-            if ticket.done():
-                continue
-            try:
-                ticket.set_result(None)
-            except RuntimeError:  # its event loop is closed: that waiter is gone
-                continue
-            self.slow = True  # every ticket holder is a slow path
-            return True
-        self.busy = False
-        self.slow = False
-        return False
-
-    def wake_ready(self, value: bool) -> None:
-        """Resolve every barrier waiter with ``value``."""
-        waiters, self.ready = self.ready, []
-        for future in waiters:
-            if future.done():
-                continue
-            loop = future.get_loop()
-            if loop.is_closed():
-                continue
-            try:
-                running = asyncio.get_running_loop()
-            except RuntimeError:
-                running = None
-            if running is loop:
-                future.set_result(value)
-            else:
-                loop.call_soon_threadsafe(_resolve, future, value)
-
-
-def _resolve(future: asyncio.Future[bool], value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
+    def _granted(self, slot: ThreadSlot, ticket: Ticket) -> None:
+        """On the ticket's loop: wake its waiter, or do its work if it is gone meanwhile."""
+        future = ticket.future
+        assert future is not None
+        if not future.done():
+            future.set_result(None)
+            return
+        if ticket.keep is None or self._keep(slot, ticket):
+            self.release(slot)

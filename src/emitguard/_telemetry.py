@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
+import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -35,11 +35,9 @@ from opentelemetry.trace import (
 
 from emitguard._metrics import EVENT_TYPE, GUARD, OUTCOME, Instruments, meter_of
 from emitguard._version import __version__
+from emitguard.options import GuardOptions
 from emitguard.records import Emission, event_type_of
 from emitguard.states import Outcome
-
-if TYPE_CHECKING:
-    from emitguard._core import GuardCore
 
 __all__ = ["FLUSH", "SEND", "Scope", "Telemetry"]
 
@@ -115,11 +113,12 @@ class Telemetry:
 
     __slots__ = (
         "__weakref__",
-        "_core",
         "_hook_failed",
+        "_lock",
         "_meter_provider",
         "_metrics",
         "_names",
+        "_outbox_size",
         "_traced_by",
         "_tracer_provider",
         "_tracing",
@@ -134,15 +133,17 @@ class Telemetry:
 
     def __init__(
         self,
-        core: GuardCore,
+        options: GuardOptions,
+        name: str,
+        outbox_size: Callable[[], int],
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
-        options = core.options
-        self._core = weakref.ref(core)
+        self._outbox_size = outbox_size
+        self._lock = threading.Lock()
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
-        self.guard_name = core.name
+        self.guard_name = name
         self.template = options.destination_template
         self._names = {op: f"{op} {self.template}" for op in (SEND, FLUSH, EXPIRE, DROP, FAIL)}
         self.span_hook: SpanHook | None = options.span_hook
@@ -201,8 +202,7 @@ class Telemetry:
         otel_context.attach(otel_context.Context())
 
     def outbox_size(self) -> int:
-        core = self._core()
-        return core._total if core is not None else 0
+        return self._outbox_size()
 
     # ------------------------------------------------------------------ spans
 
@@ -369,7 +369,8 @@ class Telemetry:
 
     def _count(self, outcome: Outcome, event_type: str | None) -> None:
         key = (outcome, event_type)
-        self.counts[key] = self.counts.get(key, 0) + 1
+        with self._lock:
+            self.counts[key] = self.counts.get(key, 0) + 1
 
 
 def _describe(span: Span, record: Emission, error: BaseException | None, send: bool) -> None:

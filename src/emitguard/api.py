@@ -6,8 +6,8 @@ import threading
 from typing import Any, Protocol, runtime_checkable
 
 from emitguard import hooks
+from emitguard.engine import Guard
 from emitguard.errors import AdapterError
-from emitguard.guard import Guard
 
 __all__ = ["Adapted", "check_same_options", "guard", "guarded", "unguard"]
 

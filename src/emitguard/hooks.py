@@ -8,14 +8,17 @@ that fails to load is logged and skipped.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 import pluggy
 
+from emitguard import _live
+
 if TYPE_CHECKING:
-    from emitguard.guard import Guard
+    from emitguard.engine import Guard
     from emitguard.records import Emission
     from emitguard.states import ConnectionState
 
@@ -78,9 +81,7 @@ class _Dispatch:
 
     def refresh(self) -> None:
         self.listening = bool(self.pm.hook.emitguard_emission.get_hookimpls())
-        from emitguard._core import live_guards  # the engine imports this module first
-
-        for guard in live_guards():
+        for guard in _live.guards():
             guard.refresh()
 
 
@@ -93,8 +94,15 @@ def plugin_manager() -> pluggy.PluginManager:
     return _dispatch.pm
 
 
+BUILT_IN = {"manager": "emitguard_adapters.manager", "commands": "emitguard_adapters.commands"}
+"""The adapters shipped with emitguard, by entry-point name: registered from a source
+checkout too, where no package metadata declares them."""
+
+
 def load_entry_points() -> list[str]:
-    """Load plugins of the ``emitguard`` entry-point group once; return the names loaded.
+    """Load plugins of the ``emitguard`` entry-point group once (and the built-in adapters,
+    which a source checkout without package metadata does not declare); return the names
+    loaded.
 
     A plugin that fails to import or register is logged with its traceback and skipped.
     """
@@ -102,12 +110,12 @@ def load_entry_points() -> list[str]:
         return []
     _dispatch.loaded = True
     loaded: list[str] = []
-    for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    declared = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    for entry_point in declared:
         if _dispatch.pm.has_plugin(entry_point.name):
             continue
         try:
-            plugin = entry_point.load()
-            _dispatch.pm.register(plugin, name=entry_point.name)
+            _dispatch.pm.register(entry_point.load(), name=entry_point.name)
         except Exception:
             log.exception(
                 "emitguard plugin %r (%s) failed to load; skipped",
@@ -116,8 +124,22 @@ def load_entry_points() -> list[str]:
             )
             continue
         loaded.append(entry_point.name)
+    names = {entry_point.name for entry_point in declared}
+    for name, module in BUILT_IN.items():
+        if name in names or _dispatch.pm.has_plugin(name):
+            continue
+        try:
+            _dispatch.pm.register(importlib.import_module(module), name=name)
+        except ImportError:  # a distribution without the adapters package
+            continue
+        loaded.append(name)
     _dispatch.refresh()
     return loaded
+
+
+def listening() -> bool:
+    """Whether any plugin implements ``emitguard_emission`` (cheap: a flag)."""
+    return _dispatch.listening
 
 
 def register(plugin: object, name: str | None = None) -> str | None:

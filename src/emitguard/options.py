@@ -49,6 +49,15 @@ class GuardOptions:
     history: int = 0
     """Delivered messages kept per thread for :meth:`~emitguard.Guard.replay` (a client that
     reconnects gets what it missed); 0 keeps none."""
+    history_total: int = 100_000
+    """Delivered messages kept over all threads together (with ``history``): past it, the
+    thread written to least recently loses its oldest messages first."""
+    retry_backoff: tuple[float, ...] = (0.01, 0.05, 0.25)
+    """Seconds to wait before each retry of a failed delivery while the thread is associated;
+    when they are used up the thread counts as disconnected. ``()``: disconnected at once."""
+    idle_threads: int = 1000
+    """Idle threads (no association, nothing buffered, nobody waiting) whose state is kept;
+    past it, the longest idle are forgotten (a thread met again starts as CONNECTING)."""
     tracing: bool = True
     """Emit OpenTelemetry spans when a tracer provider with an SDK is configured."""
     metrics: bool = True
@@ -68,6 +77,12 @@ class GuardOptions:
         _count("max_total", self.max_total)
         if isinstance(self.history, bool) or not isinstance(self.history, int) or self.history < 0:
             raise ValueError(f"history must be an int >= 0, got {self.history!r}")
+        _count("history_total", self.history_total)
+        if isinstance(self.idle_threads, bool) or not isinstance(self.idle_threads, int):
+            raise TypeError(f"idle_threads must be an int, got {self.idle_threads!r}")
+        if self.idle_threads < 0:
+            raise ValueError(f"idle_threads must be >= 0, got {self.idle_threads!r}")
+        object.__setattr__(self, "retry_backoff", _delays(self.retry_backoff))
         if self.ttl is not None:
             _number("ttl", self.ttl, allow_zero=False)
         _choice("overflow", self.overflow, OVERFLOW_POLICIES)
@@ -110,6 +125,15 @@ def _number(name: str, value: object, *, allow_zero: bool) -> None:
     if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+
+
+def _delays(value: object) -> tuple[float, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"retry_backoff must be a sequence of seconds, got {value!r}")
+    delays = tuple(cast("Iterable[object]", value))
+    for delay in delays:
+        _number("retry_backoff", delay, allow_zero=True)
+    return cast("tuple[float, ...]", delays)
 
 
 def _count(name: str, value: object) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import abc
 import bisect
 import dataclasses
+import heapq
 import inspect
+import itertools
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -34,8 +36,8 @@ class OutboxEntry:
     created_at: float
     """``time.time()`` of the send call."""
     deliver: Deliver | None = None
-    """How to hand the message to the original send; ``None`` for a backend that stores
-    only data (the guard's default delivery is used then)."""
+    """How to hand the message to the original send. ``None`` (data read back from a store
+    that cannot keep callables): the flush records it FAILED, "no send to deliver it with"."""
     is_async: bool = True
     """Whether ``deliver`` returns an awaitable."""
     attempts: int = 0
@@ -45,6 +47,9 @@ class OutboxEntry:
     link: Any = None
     """The OpenTelemetry ``SpanContext`` of the span that buffered it (its flush links to it);
     a network backend may store it as a W3C ``traceparent``."""
+    loop: Any = None
+    """The event loop of the async send that made it: while that loop runs, the entry is
+    delivered there (``None`` for a synchronous send, or data from another process)."""
 
 
 class Outbox(abc.ABC):
@@ -104,12 +109,19 @@ class Outbox(abc.ABC):
 
 
 class MemoryOutbox(Outbox):
-    """In-process outbox: one list per thread, ordered by ``seq``."""
+    """In-process outbox: one list per thread, ordered by ``seq``, and a heap over every
+    entry by age, so that evicting the oldest for the global bound costs O(log n)."""
 
     synchronous = True
 
     def __init__(self) -> None:
-        self._threads: dict[str, list[OutboxEntry]] = {}
+        self._threads: dict[Any, list[OutboxEntry]] = {}
+        self._by_age: list[tuple[float, int, OutboxEntry]] = []
+        self._order = itertools.count()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
 
     async def push(self, entry: OutboxEntry) -> None:
         items = self._threads.setdefault(entry.thread_id, [])
@@ -117,12 +129,14 @@ class MemoryOutbox(Outbox):
             items.append(entry)
         else:
             bisect.insort(items, entry, key=_seq)
+        self._size += 1
+        heapq.heappush(self._by_age, (entry.created, next(self._order), entry))
 
-    async def head(self, thread_id: str) -> OutboxEntry | None:
+    async def head(self, thread_id: Any) -> OutboxEntry | None:
         items = self._threads.get(thread_id)
         return items[0] if items else None
 
-    async def remove(self, thread_id: str, seq: int) -> bool:
+    async def remove(self, thread_id: Any, seq: int) -> bool:
         items = self._threads.get(thread_id)
         if not items:
             return False
@@ -130,29 +144,62 @@ class MemoryOutbox(Outbox):
         if index == len(items) or items[index].seq != seq:
             return False
         del items[index]
+        self._removed(thread_id, items, 1)
+        return True
+
+    def _removed(self, thread_id: Any, items: list[OutboxEntry], count: int) -> None:
+        self._size -= count
         if not items:
             del self._threads[thread_id]
-        return True
+        if len(self._by_age) > 2 * self._size + 64:  # mostly stale: rebuild, amortised O(1)
+            self._by_age = [item for item in self._by_age if self._holds(item[2])]
+            heapq.heapify(self._by_age)
+
+    def _holds(self, entry: OutboxEntry) -> bool:
+        items = self._threads.get(entry.thread_id)
+        if not items:
+            return False
+        index = bisect.bisect_left(items, entry.seq, key=_seq)
+        return index < len(items) and items[index] is entry
 
     async def evict_oldest(
         self,
-        thread_id: str | None,
+        thread_id: Any | None,
         protect: Collection[str],
-        in_flight: Collection[tuple[str, int]] = (),
+        in_flight: Collection[tuple[Any, int]] = (),
     ) -> OutboxEntry | None:
-        pools = [thread_id] if thread_id is not None else list(self._threads)
-        victim: OutboxEntry | None = None
-        for name in pools:
-            for entry in self._threads.get(name, ()):
-                if entry.event_type not in protect and (name, entry.seq) not in in_flight:
-                    if victim is None or entry.created < victim.created:
-                        victim = entry
-                    break
+        victim = self._oldest_of(thread_id, protect, in_flight)
         if victim is not None:
             await self.remove(victim.thread_id, victim.seq)
         return victim
 
-    async def expire(self, thread_id: str, created_before: float) -> list[OutboxEntry]:
+    def _oldest_of(
+        self,
+        thread_id: Any | None,
+        protect: Collection[str],
+        in_flight: Collection[tuple[Any, int]],
+    ) -> OutboxEntry | None:
+        def evictable(entry: OutboxEntry) -> bool:
+            return entry.event_type not in protect and (entry.thread_id, entry.seq) not in in_flight
+
+        if thread_id is not None:
+            return next((e for e in self._threads.get(thread_id, ()) if evictable(e)), None)
+        skipped: list[tuple[float, int, OutboxEntry]] = []
+        victim = None
+        heap = self._by_age
+        while heap:
+            item = heapq.heappop(heap)
+            if not self._holds(item[2]):
+                continue  # stale: it left the outbox already
+            if evictable(item[2]):
+                victim = item[2]
+                break
+            skipped.append(item)
+        for item in skipped:
+            heapq.heappush(heap, item)
+        return victim
+
+    async def expire(self, thread_id: Any, created_before: float) -> list[OutboxEntry]:
         items = self._threads.get(thread_id)
         if not items:
             return []
@@ -161,11 +208,11 @@ class MemoryOutbox(Outbox):
             cut += 1
         gone = items[:cut]
         del items[:cut]
-        if not items:
-            del self._threads[thread_id]
+        if gone:
+            self._removed(thread_id, items, len(gone))
         return gone
 
-    async def entries(self, thread_id: str) -> list[OutboxEntry]:
+    async def entries(self, thread_id: Any) -> list[OutboxEntry]:
         return list(self._threads.get(thread_id, ()))
 
 

@@ -19,7 +19,11 @@ class GuardStats:
     pending: Mapping[str, int]
     """Buffered emissions per thread (threads with none are left out)."""
     states: Mapping[str, ConnectionState] = field(default_factory=dict)
-    """The state of every thread the guard knows."""
+    """The state of every thread the guard holds."""
+    waiting: Mapping[str, int] = field(default_factory=dict)
+    """Events handed over that wait for their turn in their thread's line with no sender
+    awaiting them (a synchronous send made while the line was busy, a cancelled sender's
+    event); each gets its records in its turn. Threads with none are left out."""
 
     @property
     def pending_total(self) -> int:

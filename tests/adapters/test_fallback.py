@@ -224,7 +224,7 @@ async def test_many_subscribers_on_one_thread_each_get_everything(
     streams = [server.stream("GET", f"{BASE}/t1/events") for _ in range(5)]
     responses = [await stream.__aenter__() for stream in streams]
     try:
-        await eventually(lambda: len(guard._threads["t1"].subscribers) == 5)
+        await eventually(lambda: guard.subscribers("t1") == 5)
         await send(guard, "t1", "agent_update", 3)
         for response in responses:
             assert [e["id"] for e in await read_events(response, 3)] == ["1", "2", "3"]
@@ -295,7 +295,7 @@ async def test_sse_and_websocket_clients_share_one_seq_space() -> None:
     ):
         await eventually(lambda: hub.connections("t1") == 1)
         async with client.stream("GET", f"http://{address}{BASE}/t1/events") as response:
-            await eventually(lambda: len(hub.guard._threads["t1"].subscribers) == 1)
+            await eventually(lambda: hub.guard.subscribers("t1") == 1)
             assert await hub.send("t1", {"type": "agent_update"})
             [event] = await read_events(response, 1)
         frame = json.loads(await asyncio.wait_for(ws.recv(), 3))

@@ -116,7 +116,7 @@ async def test_send_returning_false_on_a_connected_thread_buffers(
     guard_target: GuardTarget, recorded: Recorder
 ) -> None:
     manager = ReferenceManager()
-    guard = guard_target(manager)
+    guard = guard_target(manager, retry_backoff=())
     first = manager.connect("u1")
     manager.update_connection_thread("u1", "t1")
     manager.drop_connection(first.connection_id)  # the manager forgets the socket
@@ -140,7 +140,7 @@ async def test_async_send_that_raises_is_a_failed_delivery(
     guard_target: GuardTarget, recorded: Recorder
 ) -> None:
     manager = FlakyManager()
-    guard = guard_target(manager)
+    guard = guard_target(manager, retry_backoff=())
     manager.update_connection_thread("u1", "t1")
     manager.failures = 1
 
@@ -180,7 +180,7 @@ def test_sync_send_that_raises_is_a_failed_delivery(
     guard_target: GuardTarget, recorded: Recorder
 ) -> None:
     manager = SyncFlakyManager(failures=1)
-    guard = guard_target(manager)
+    guard = guard_target(manager, retry_backoff=())
     manager.update_connection_thread("u1", "t1")
 
     assert manager.send_to_thread("t1", "a") is True

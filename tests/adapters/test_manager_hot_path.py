@@ -114,7 +114,7 @@ async def test_thread_after_message_and_keyword_only_extra(guard_target: GuardTa
 
 async def test_hot_path_failure_buffers_and_recovers(guard_target: GuardTarget) -> None:
     manager = YieldingManager()
-    guard = guard_target(manager)
+    guard = guard_target(manager, retry_backoff=())
     manager.update_connection_thread("u1", "t1")
     manager.fail_next = 1
 
@@ -133,7 +133,7 @@ async def test_hot_path_failure_buffers_and_recovers(guard_target: GuardTarget) 
 
 async def test_hot_path_send_returning_false_buffers(guard_target: GuardTarget) -> None:
     manager = ReferenceManager()
-    guard = guard_target(manager)
+    guard = guard_target(manager, retry_backoff=())
     socket = manager.connect("u1")
     manager.update_connection_thread("u1", "t1")
     manager.drop_connection(socket.connection_id)

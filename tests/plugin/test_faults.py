@@ -107,7 +107,7 @@ async def test_drop_after_then_reassociation_flushes_in_order(
 ) -> None:
     manager = reference_manager
     manager.connect("u1")
-    guard = emitguard_guard(manager)
+    guard = emitguard_guard(manager, retry_backoff=())
     manager.update_connection_thread("u1", "t1")
     drop = emitguard_faults.drop_after(manager, "t1", 2)
     for kind in EVENTS[:4]:

@@ -263,7 +263,7 @@ def test_a_guard_from_an_earlier_test_does_not_fail_the_next_one(pytester: pytes
 import time
 
 
-@pytest.mark.emitguard(allow=("buffered",))
+@pytest.mark.emitguard(allow=("buffered", "expired"))
 async def test_a(reference_manager, emitguard_guard, emissions):
     emitguard_guard(reference_manager, on_unready="buffer", ttl=0.05)
     await reference_manager.send_to_thread("t-A", {"type": "agent_started"})

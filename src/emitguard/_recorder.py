@@ -1,0 +1,146 @@
+"""The recorder: makes each emission's records, counts them, and tells everyone who listens.
+
+Listeners (the ``emitguard_emission`` hook), telemetry and the replay window all learn of a
+record here, and only here. Counts are cumulative: they survive the threads they counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from emitguard import hooks
+from emitguard._history import ReplayWindow
+from emitguard._telemetry import Telemetry
+from emitguard.calls import MISSING
+from emitguard.errors import EmissionError
+from emitguard.outbox import OutboxEntry
+from emitguard.records import Emission, event_type_of
+from emitguard.states import Outcome
+
+if TYPE_CHECKING:
+    from emitguard.engine import Guard
+
+__all__ = ["Recorder", "thread_name"]
+
+log = logging.getLogger("emitguard")
+
+_DELIVERED = frozenset({Outcome.DELIVERED, Outcome.FLUSHED})
+
+
+class Recorder:
+    """Records of one guard: made, counted, handed to listeners, telemetry and the window."""
+
+    def __init__(
+        self,
+        guard: Guard,
+        telemetry: Telemetry,
+        window: ReplayWindow | None,
+        *,
+        strict: bool,
+    ) -> None:
+        self._guard = guard
+        self._tel = telemetry
+        self._window = window
+        self._strict = strict
+        self._lock = threading.Lock()
+        self.counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
+        """Records made, by outcome."""
+        self.recorded_seqs = 0
+        """Seqs given to emissions that get records (all but the deliveries of the plain
+        fast path, which are counted from the seq numbers instead)."""
+
+    @property
+    def listening(self) -> bool:
+        """Whether anyone listens to the ``emitguard_emission`` hook."""
+        return hooks.listening()
+
+    def make(
+        self,
+        outcome: Outcome,
+        thread_id: Any,
+        seq: int,
+        message: Any,
+        reason: str | None = None,
+        *,
+        waited: float = 0.0,
+        attempts: int = 0,
+        created_at: float | None = None,
+    ) -> Emission:
+        """A record of an emission that has no outbox entry."""
+        now = time.time()
+        return Emission(
+            thread_id=thread_id,
+            seq=seq,
+            event_type=event_type_of(message),
+            outcome=outcome,
+            reason=reason,
+            waited=waited,
+            attempts=attempts,
+            created_at=now if created_at is None else created_at,
+            recorded_at=now,
+            guard_name=self._guard.name,
+            message=None if message is MISSING else message,
+        )
+
+    def of_entry(self, entry: OutboxEntry, outcome: Outcome, reason: str | None) -> Emission:
+        """A record of an emission that has an outbox entry."""
+        in_outbox = time.monotonic() - entry.buffered if entry.buffered else 0.0
+        return Emission(
+            thread_id=entry.thread_id,
+            seq=entry.seq,
+            event_type=entry.event_type,
+            outcome=outcome,
+            reason=reason,
+            waited=entry.waited,
+            buffered_for=in_outbox if outcome is not Outcome.BUFFERED else 0.0,
+            attempts=entry.attempts,
+            created_at=entry.created_at,
+            recorded_at=time.time(),
+            guard_name=self._guard.name,
+            message=entry.message,
+        )
+
+    def note(self, record: Emission) -> Emission:
+        """Count a record and hand it to the window, telemetry and the listeners."""
+        with self._lock:
+            self.counts[record.outcome] += 1
+        if self._window is not None and record.outcome in _DELIVERED and record.seq:
+            self._window.remember(record.thread_id, record.seq, record.message)
+        if self._tel.active:
+            self._tel.noted(record)
+        if hooks.listening():
+            hooks.call_safely("emitguard_emission", emission=record, guard=self._guard)
+        return record
+
+    def seq_recorded(self) -> None:
+        """One more seq whose emission gets records."""
+        with self._lock:
+            self.recorded_seqs += 1
+
+    def conclude(self, record: Emission) -> bool:
+        """Note the caller's own record; True for a good outcome, else False (or raise in
+        strict mode)."""
+        self.note(record)
+        if self._tel.active:
+            self._tel.concluded(record)
+        if record.outcome.ok:
+            return True
+        if self._strict:
+            raise EmissionError(record)
+        return False
+
+    def fault(self, thread_id: Any, message: Any, exc: BaseException) -> bool:
+        """emitguard's own fault: logged and recorded, never raised (but in strict mode)."""
+        log.error("emitguard internal error while sending to thread %r", thread_id, exc_info=exc)
+        reason = f"emitguard internal error: {type(exc).__name__}: {exc}"
+        return self.conclude(self.make(Outcome.FAILED, thread_name(thread_id), 0, message, reason))
+
+
+def thread_name(thread_id: object) -> Any:
+    """A thread id for a record, even when the id given was not a usable one."""
+    if thread_id is MISSING:
+        return "<missing>"
+    return thread_id if isinstance(thread_id, str) else repr(thread_id)

@@ -1,0 +1,231 @@
+"""The guarded send as a wrapt wrapper, and its fast paths.
+
+A send to a CONNECTED thread with nothing queued, whose line is free and that nobody needs a
+record of, costs a dictionary look-up, a non-blocking lock and a few attribute checks on top of
+the original call (``benchmarks/run.py`` measures it against a pass-through wrapper). It is
+counted from its seq number, not by a record. Any other send, and any failure or cancellation
+on a fast path, goes to the :class:`~emitguard._pipeline.Pipeline`'s general code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from emitguard import transport
+from emitguard._delivery import UNCONFIRMED
+from emitguard._pipeline import CONNECTED, Pipeline
+from emitguard._recorder import thread_name
+from emitguard._table import ThreadTable
+from emitguard._telemetry import SEND
+from emitguard.calls import MISSING, Arg, Call, Rebind, Verdict, WraptWrapper, judge, judge_error
+from emitguard.records import event_type_of
+from emitguard.transport import PROBE, Probe
+
+__all__ = ["Senders"]
+
+
+class Senders:
+    """Entry points of a guard's sends: the wrapt wrappers and :meth:`send_call`."""
+
+    def __init__(self, pipeline: Pipeline, table: ThreadTable) -> None:
+        self._pipeline = pipeline
+        self._table = table
+
+    def sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+        """A wrapt wrapper guarding an async send whose arguments sit at ``thread`` and
+        ``message``: the plain fast path, else :meth:`send_call`."""
+        pipeline, send_call, rebind = self._pipeline, self.send_call, message.replace
+        recheck = self._table.lines.recheck
+        t_index, m_index = thread.reach, message.reach
+        width = max(t_index, m_index) if t_index < sys.maxsize > m_index else sys.maxsize
+        pair = 2 if (t_index, m_index) == (0, 1) else -1
+        pick_thread, pick_message = thread.pick, message.pick
+
+        async def guarded_send(
+            wrapped: Callable[..., Awaitable[Any]],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> bool:
+            if len(args) == pair:
+                thread_id, payload = args  # the usual send(thread_id, message)
+            elif len(args) > width:
+                thread_id, payload = args[t_index], args[m_index]
+            else:
+                thread_id, payload = pick_thread(args, kwargs), pick_message(args, kwargs)
+                if thread_id is MISSING or payload is MISSING:
+                    return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
+            try:
+                slot = pipeline.fast.get(thread_id)  # empty unless the plain path may serve
+            except TypeError:  # unhashable: rejected by send_call
+                slot = None
+            if (
+                slot is None
+                or slot.state is not CONNECTED
+                or slot.backlog
+                or payload is None
+                or not slot.lock.acquire(False)
+            ):
+                return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
+            slot.seq = seq = slot.seq + 1
+            try:
+                result = await (wrapped(*args, **kwargs) if kwargs else wrapped(*args))
+            except asyncio.CancelledError:
+                call = Call(wrapped, args, kwargs, rebind)
+                await pipeline.failed_fast(
+                    slot, seq, payload, call, Verdict.RETRY, "cancelled", cancelled=True
+                )
+                raise
+            except Exception as exc:
+                verdict, why = judge_error(exc, pipeline.delivery.poison)
+                call = Call(wrapped, args, kwargs, rebind)
+                return await pipeline.failed_fast(slot, seq, payload, call, verdict, why)
+            if not result and result is not None:
+                call = Call(wrapped, args, kwargs, rebind)
+                return await pipeline.failed_fast(slot, seq, payload, call, *judge(result))
+            slot.lock.release()
+            if slot.tickets:
+                recheck(slot)
+            return True  # counted in stats() from the seq numbers: no counter here
+
+        return guarded_send
+
+    def sync_sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+        """:meth:`sender` for a synchronous send (it never waits on the barrier)."""
+        send, rebind = self.send_sync_call, message.replace
+
+        def guarded_send(
+            wrapped: Callable[..., Any],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> bool:
+            thread_id, payload = thread.pick(args, kwargs), message.pick(args, kwargs)
+            return send(thread_id, payload, wrapped, args, kwargs, rebind)
+
+        return guarded_send
+
+    async def send_call(
+        self,
+        thread_id: Any,
+        message: Any,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+    ) -> bool:
+        """A guarded async send: the original is ``fn(*args, **kwargs)``, and
+        ``rebind(args, kwargs, message)`` returns the arguments with another message in them
+        (for seq stamping and for deliveries from the outbox)."""
+        pipeline = self._pipeline
+        if pipeline.instrumented:
+            return await self._instrumented(thread_id, message, fn, args, kwargs, rebind)
+        return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+
+    def send_sync_call(
+        self,
+        thread_id: Any,
+        message: Any,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+    ) -> bool:
+        """:meth:`send_call` for a synchronous original."""
+        pipeline, call = self._pipeline, Call(fn, args, kwargs, rebind)
+        if pipeline.tel.active:
+            with pipeline.tel.sending(thread_name(thread_id), message):
+                return pipeline.send_sync(thread_id, message, call)
+        return pipeline.send_sync(thread_id, message, call)
+
+    async def _instrumented(
+        self,
+        thread_id: Any,
+        message: Any,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+    ) -> bool:
+        """The fast path while telemetry or transport confirmation is active.
+
+        A send to a CONNECTED thread with nothing queued is delivered here and gets its span
+        when the delivery returns, started at the time of the call and carrying every
+        attribute from the start (no context switch around the call; ``docs/performance.md``).
+        Every other send runs the general path under an open span, which learns the outcome
+        from the record the send concludes with.
+        """
+        pipeline = self._pipeline
+        tel = pipeline.tel
+        try:
+            slot = self._table.get(thread_id)
+        except TypeError:
+            slot = None
+        if (
+            slot is None
+            or slot.state is not CONNECTED
+            or slot.backlog
+            or message is None
+            or message is MISSING
+            or not pipeline.plain
+            or pipeline.closed
+            or not slot.lock.acquire(False)
+        ):
+            with tel.sending(thread_name(thread_id), message):
+                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+        started = time.time_ns() if tel.active else 0
+        slot.seq = seq = slot.seq + 1
+        confirm = pipeline.delivery.confirm
+        probe = token = None
+        if confirm is not None:  # (transport.open_probe, inlined: this path is hot)
+            probe = Probe()
+            token = PROBE.set(probe)
+        verdict = error = why = None  # verdict None: delivered
+        try:
+            try:
+                result = await fn(*args, **kwargs)
+            finally:
+                if token is not None:
+                    transport.close_probe(token)
+            if not result and result is not None:
+                verdict, why = judge(result)
+            elif (
+                probe is not None
+                and not probe.frames
+                and not await probe.wait(confirm or 0.0, slot.owners)
+            ):
+                verdict, why = Verdict.RETRY, UNCONFIRMED
+        except asyncio.CancelledError:  # during the send or its confirmation: keep the event
+            call = Call(fn, args, kwargs, rebind)
+            with tel.sending(slot.thread_id, message, seq, started or None):
+                await pipeline.failed_fast(
+                    slot, seq, message, call, Verdict.RETRY, "cancelled", cancelled=True
+                )
+            raise
+        except Exception as exc:
+            verdict, why = judge_error(exc, pipeline.delivery.poison)
+            error = exc
+        if verdict is not None:
+            call = Call(fn, args, kwargs, rebind)
+            with tel.sending(slot.thread_id, message, seq, started or None, error):
+                return await pipeline.failed_fast(slot, seq, message, call, verdict, why)
+        if probe is not None and not probe.owners <= slot.owners:  # a new carrier connection
+            for owner in probe.owners - slot.owners:
+                self._table.own(slot, owner)
+        slot.lock.release()
+        if slot.tickets:
+            self._table.lines.recheck(slot)
+        if tel.active:  # (off when only transport confirmation brought the send here)
+            event_type = event_type_of(message)
+            tel.delivered(event_type)
+            span = tel.start(
+                SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True
+            )
+            if span is not None:
+                tel.hook(span, slot.thread_id, message)
+                span.end()
+        return True

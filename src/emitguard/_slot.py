@@ -1,0 +1,128 @@
+"""What the guard keeps for one thread: its state, its seq counter and its line."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from typing import Any
+
+from emitguard._loops import Later, Signal, resolve
+from emitguard.states import ConnectionState
+
+__all__ = ["ThreadSlot", "Ticket"]
+
+
+class Ticket:
+    """A place in a thread's line.
+
+    ``future`` is resolved (on its own loop) when the line is handed to the ticket. ``keep`` is
+    the work to do in the ticket's turn if its waiter is gone by then (a cancelled sender's
+    event still has to be kept in order): ``None`` when there is nothing to keep.
+    """
+
+    __slots__ = ("future", "keep")
+
+    def __init__(self, future: asyncio.Future[None] | None, keep: Any = None) -> None:
+        self.future = future
+        self.keep = keep
+
+    @property
+    def waiting(self) -> bool:
+        """A live waiter will take the line when it is handed over."""
+        return self.future is not None and not self.future.done()
+
+
+class ThreadSlot:
+    """Everything the guard keeps for one thread.
+
+    The *line* serialises everything that delivers to, buffers for or flushes the thread, so
+    ``seq`` order is delivery order: ``lock`` is held by whoever has the line (taken without
+    blocking; it is never waited on), ``tickets`` are those waiting for it, first come first
+    served. The line's holder is the only writer of ``seq`` and of the thread's outbox.
+    """
+
+    __slots__ = (
+        "backlog",
+        "base",
+        "failures",
+        "flushing",
+        "freed",
+        "gate",
+        "lock",
+        "loop",
+        "note",
+        "owners",
+        "parked",
+        "ready",
+        "retry",
+        "retry_at",
+        "seq",
+        "state",
+        "subscribers",
+        "thread_id",
+        "tickets",
+        "timed_out",
+    )
+
+    def __init__(self, thread_id: Any, seq: int = 0) -> None:
+        self.thread_id = thread_id
+        self.state = ConnectionState.CONNECTING
+        self.note: str | None = None
+        """Why the thread is in its state (for DISCONNECTED and ERROR)."""
+        self.seq = seq
+        self.base = seq
+        """The seq the slot started from (a thread met again after it was forgotten)."""
+        self.backlog = 0
+        """Entries of this thread in the outbox."""
+        self.lock = threading.Lock()
+        self.tickets: deque[Ticket] = deque()
+        self.ready: list[tuple[asyncio.Future[bool], bool]] = []
+        """Barrier waiters (and whether each holds the line), resolved on association."""
+        self.timed_out = False
+        """A barrier wait timed out since the last association: later sends do not wait."""
+        self.flushing = False
+        """A flush of the thread is scheduled or running."""
+        self.owners: set[object] = set()
+        self.subscribers: list[Any] = []
+        self.parked = 0
+        """Line holders waiting on the readiness barrier (see ``Guard.hold``)."""
+        self.gate: Signal | None = None
+        """Set while a ``Guard.hold`` body runs ahead of a parked line holder."""
+        self.failures = 0
+        """Deliveries that failed in a row on the live association (retried with backoff)."""
+        self.retry_at = 0.0
+        """``time.monotonic()`` before which no delivery is retried."""
+        self.retry: Later | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The event loop of the last async send that buffered here: flushes run there."""
+        self.freed = False
+        """Taken out of the thread table: anyone holding this object looks the thread up again."""
+
+    def __repr__(self) -> str:
+        return f"thread {self.thread_id}"
+
+    @property
+    def idle(self) -> bool:
+        """Nothing here that the guard must remember: no association, nothing buffered, no
+        one waiting or listening. (The line's lock is checked by whoever frees the slot.)"""
+        return (
+            self.state is not ConnectionState.CONNECTED
+            and not self.backlog
+            and not self.owners
+            and not self.subscribers
+            and not self.ready
+            and not self.tickets
+            and not self.flushing
+            and self.gate is None
+        )
+
+    def wake_ready(self, value: bool) -> int:
+        """Resolve every barrier waiter with ``value``, each on its own loop. Returns how
+        many of them held the line and are gone with their closed loop."""
+        waiters, self.ready = self.ready, []
+        dead = 0
+        for future, holds_line in waiters:
+            if not resolve(future, value) and holds_line:
+                dead += 1
+        return dead
