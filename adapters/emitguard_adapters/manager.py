@@ -27,7 +27,7 @@ import wrapt
 from emitguard import AdapterError, Guard, GuardOptions, hookimpl
 from emitguard.api import check_same_options
 from emitguard.calls import MISSING
-from emitguard.guard import GUARD_ARGUMENTS
+from emitguard.engine import GUARD_ARGUMENTS
 from emitguard_adapters._params import other, parameters, resolve
 
 __all__ = ["ADAPTER_OPTIONS", "ManagerAdapter", "emitguard_adapt"]

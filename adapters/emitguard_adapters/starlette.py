@@ -23,8 +23,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from emitguard import Guard, transport
-from emitguard.guard import Replay
+from emitguard import Guard, Replay, transport
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
