@@ -359,9 +359,15 @@ class DifferentialMachine(RuleBasedStateMachine):
     @rule(
         thread=st.sampled_from(THREADS),
         event_type=st.sampled_from(EVENT_TYPES),
-        how=st.sampled_from(["task", "task", "awaited", "timeout", "sync in loop", "sync", "bad"]),
+        how=st.sampled_from(
+            ["task", "task", "awaited", "timeout", "direct", "sync in loop", "sync", "bad"]
+        ),
     )
     def send(self, thread: str, event_type: str, how: str) -> None:
+        """One send through the guarded manager: started as a task (it runs on while later
+        steps run), awaited for a little while, given up by its caller after 10 ms, or with
+        a bad input; or straight through ``guard.send`` (a task) or ``guard.send_sync``
+        (from a coroutine or from plain code)."""
         uid = self.last_uid = next(self.uids)
         message = self.message(uid, thread, event_type)
 
