@@ -36,6 +36,7 @@ lint: venv
 bench: venv
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/sockets.py
+	$(BIN)/python benchmarks/memory.py
 
 # Build artefacts and tool caches; keeps .venv (use distclean for that).
 clean:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -57,6 +58,27 @@ class Records:
 
     def of(self, outcome: Outcome) -> list[Emission]:
         return [r for r in self.items if r.outcome is outcome]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--scale",
+        type=float,
+        default=None,
+        help="size factor of the load-and-fault test (default: $EMITGUARD_SCALE or 1; "
+        "1 is a few seconds, 5 is 10,000 threads)",
+    )
+
+
+@pytest.fixture
+def scale(request: pytest.FixtureRequest) -> float:
+    """Size factor for load tests: ``--scale``, else ``$EMITGUARD_SCALE``, else 1."""
+    value = request.config.getoption("scale")
+    if value is None:
+        value = float(os.environ.get("EMITGUARD_SCALE", "1"))
+    if value <= 0:
+        raise pytest.UsageError(f"--scale must be > 0, got {value!r}")
+    return float(value)
 
 
 @pytest.fixture

@@ -149,16 +149,32 @@ async def test_memory_outbox_evict_and_expire() -> None:
     await box.push(_entry("a", 1, "keep", created=1.0))
     await box.push(_entry("a", 2, "x", created=2.0))
     await box.push(_entry("b", 1, "x", created=1.5))
-    victim = await box.evict_oldest(None, {"keep"})
+    victim = await box.evict_oldest(None, {"keep"})  # the longest in the outbox, unprotected
     assert victim is not None
-    assert (victim.thread_id, victim.seq) == ("b", 1)
-    assert await box.evict_oldest("b", set()) is None
+    assert (victim.thread_id, victim.seq) == ("a", 2)
+    assert await box.evict_oldest("a", {"keep"}) is None
     gone = await box.expire("a", created_before=1.5)
     assert [e.seq for e in gone] == [1]
     assert await box.expire("missing", 10.0) == []
-    assert [e.seq for e in await box.expire("a", 10.0)] == [2]
+    assert [e.seq for e in await box.expire("b", 10.0)] == [1]
     assert await box.entries("a") == []
+    assert len(box) == 0
     await box.close()
+
+
+async def test_memory_outbox_eviction_skips_what_left_and_what_is_in_flight() -> None:
+    box = MemoryOutbox()
+    for n in range(1, 5):
+        await box.push(_entry("t", n))
+    assert await box.remove("t", 1)
+    victim = await box.evict_oldest(None, set(), in_flight={("t", 2)})
+    assert victim is not None and victim.seq == 3
+    victim = await box.evict_oldest(None, set())
+    assert victim is not None and victim.seq == 2  # no longer in flight: it is the oldest
+    for n in range(5, 500):  # many come and go: what is kept for ordering stays bounded
+        await box.push(_entry("t", n))
+        assert await box.remove("t", n)
+    assert len(box._arrivals) <= 2 * len(box) + 64
 
 
 @pytest.mark.parametrize(

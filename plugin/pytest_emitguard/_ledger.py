@@ -15,7 +15,9 @@ BAD_OUTCOMES = frozenset(
 )
 """Final outcomes that fail a test at teardown (BUFFERED: still undelivered)."""
 
-_Key = tuple[str, str, int]
+_Key = tuple[int, str, int]
+"""An emission: its guard (``id()`` of a guard the ledger holds), thread and seq. Not the
+guard's name: two guards may share one (two instances of one manager class)."""
 
 
 class EmissionLedger:
@@ -23,13 +25,17 @@ class EmissionLedger:
 
     def __init__(self) -> None:
         self.records: list[Emission] = []
+        self._keyed: list[tuple[_Key, Emission]] = []
+        """Every record with the emission it belongs to."""
         self._guards: dict[int, Guard] = {}
+        """The guards seen, by ``id()``; holding them keeps those ids theirs."""
 
     @emitguard.hookimpl
     def emitguard_emission(self, emission: Emission, guard: Guard) -> None:
         """Collect a record (the engine calls this for every guard)."""
         self.records.append(emission)
         self._guards.setdefault(id(guard), guard)
+        self._keyed.append(((id(guard), emission.thread_id, emission.seq), emission))
 
     def guards(self) -> list[Guard]:
         """The guards that recorded an emission while this ledger listened."""
@@ -52,10 +58,13 @@ class EmissionLedger:
 
     def final(self) -> list[Emission]:
         """The latest record of every emission, in the order emissions were first seen."""
+        return list(self._latest().values())
+
+    def _latest(self) -> dict[_Key, Emission]:
         latest: dict[_Key, Emission] = {}
-        for record in self.records:
-            latest[_key(record)] = record
-        return list(latest.values())
+        for key, record in self._keyed:
+            latest[key] = record
+        return latest
 
     def types(self, thread_id: str) -> list[str | None]:
         """The event types delivered to a thread (DELIVERED or FLUSHED), in ``seq`` order."""
@@ -97,23 +106,25 @@ class EmissionLedger:
             raise AssertionError(summary(bad, "failed"))
 
     def assert_no_gaps(self, thread_id: str) -> None:
-        """Assert the thread's delivered seqs are 1, 2, 3, ... without a hole."""
-        seqs = sorted(
-            r.seq for r in self.final() if r.thread_id == thread_id and r.outcome in _DELIVERED
-        )
-        expected = list(range(1, len(seqs) + 1))
-        if seqs != expected:
-            holes = sorted(set(range(1, (seqs[-1] if seqs else 0) + 1)) - set(seqs))
-            raise AssertionError(
-                f"thread {thread_id} has gaps: seq {', '.join(map(str, holes))} not delivered"
-            )
+        """Assert the thread's delivered seqs are 1, 2, 3, ... without a hole (for each
+        guard that delivered to it: every guard numbers its own emissions)."""
+        by_guard: dict[int, list[int]] = {}
+        for (guard_id, thread, seq), record in self._latest().items():
+            if thread == thread_id and record.outcome in _DELIVERED:
+                by_guard.setdefault(guard_id, []).append(seq)
+        for seqs in by_guard.values():
+            holes = sorted(set(range(1, max(seqs) + 1)) - set(seqs))
+            if holes:
+                raise AssertionError(
+                    f"thread {thread_id} has gaps: seq {', '.join(map(str, holes))} not delivered"
+                )
 
     def assert_no_duplicates(self) -> None:
         """Assert no emission was delivered twice by a guard."""
         counts: dict[_Key, int] = {}
-        for record in self.records:
+        for key, record in self._keyed:
             if record.outcome in _DELIVERED:
-                counts[_key(record)] = counts.get(_key(record), 0) + 1
+                counts[key] = counts.get(key, 0) + 1
         twice = [f"thread {k[1]} seq {k[2]}" for k, n in counts.items() if n > 1]
         if twice:
             raise AssertionError(f"delivered more than once: {', '.join(twice)}")
@@ -121,6 +132,7 @@ class EmissionLedger:
     def clear(self) -> None:
         """Forget every record collected so far."""
         self.records.clear()
+        self._keyed.clear()
 
 
 _DELIVERED = frozenset({Outcome.DELIVERED, Outcome.FLUSHED})
@@ -132,10 +144,6 @@ def summary(bad: list[Emission], verb: str) -> str:
     lines = [f"emitguard: {len(bad)} {noun} {verb}"]
     lines.extend(f"- {record}" for record in bad)
     return "\n".join(lines)
-
-
-def _key(record: Emission) -> _Key:
-    return (record.guard_name, record.thread_id, record.seq)
 
 
 def _outcome(value: Outcome | str) -> Outcome:

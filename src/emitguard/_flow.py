@@ -59,6 +59,9 @@ class Flow:
         self.tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.closed = False
+        self.home: asyncio.AbstractEventLoop | None = None
+        """The last event loop the guard worked on (its timers run there when they are set
+        from code that runs on no loop)."""
 
     # ------------------------------------------------------------ into it
 
@@ -136,9 +139,10 @@ class Flow:
 
     # ---------------------------------------------------------- out of it
 
-    def retrying(self, slot: ThreadSlot) -> bool:
-        """Whether the thread waits out a retry backoff (no delivery before ``retry_at``)."""
-        return slot.retry_at > 0 and time.monotonic() < slot.retry_at
+    @staticmethod
+    def retrying(slot: ThreadSlot) -> bool:
+        """Whether the thread waits out a retry backoff (its timer has not fired yet)."""
+        return slot.retry is not None
 
     def failed(self, slot: ThreadSlot, why: str) -> str:
         """A delivery to the thread failed: retry after a short backoff while the thread is
@@ -151,7 +155,7 @@ class Flow:
             slot.retry_at = time.monotonic() + delay
             if slot.retry is not None:
                 slot.retry.cancel()
-            slot.retry = later(delay, lambda: self._retry_due(slot))
+            slot.retry = later(delay, lambda: self._retry_due(slot), self.home)
             return f"{why}; retry {slot.failures} of {len(backoff)} in {delay}s"
         if slot.state is CONNECTED:
             why = f"{why} ({len(backoff)} retries failed)" if backoff else why
@@ -276,6 +280,12 @@ class Flow:
 
     # --------------------------------------------------------- flushing
 
+    def here(self) -> None:
+        """Remember the loop running here as the guard's home (called on its async paths)."""
+        loop = running_loop()
+        if loop is not None:
+            self.home = loop
+
     def leave(self, slot: ThreadSlot, closing: bool = False) -> None:
         """Give up the thread's line; flush what was buffered meanwhile.
 
@@ -284,12 +294,12 @@ class Flow:
         """
         self._table.release(slot)
         if not closing and slot.backlog and slot.state is CONNECTED:
-            self.schedule(slot)
+            self.schedule(slot)  # (not while a retry waits: its timer schedules it)
 
     def schedule(self, slot: ThreadSlot) -> None:
         """Start a flush of the thread, on the loop of its sends when that loop runs, else
         on the loop running here; with neither, in a private loop right here."""
-        if slot.flushing or self.closed:
+        if slot.flushing or self.closed or self.retrying(slot):
             return
         here = running_loop()
         home = slot.loop if alive(slot.loop) else here
@@ -323,9 +333,9 @@ class Flow:
             log.warning("%s: flush gave up after %ss; the rest stays buffered", slot, limit)
         except Exception:
             log.exception("emitguard could not flush %s", slot)
-        if slot.retry is not None and slot.retry_at:  # its timer died with the private loop
+        if slot.retry is not None:  # its timer died with the private loop
             delay = max(slot.retry_at - time.monotonic(), 0.0)
-            slot.retry = later(delay, lambda: self._retry_due(slot))
+            slot.retry = later(delay, lambda: self._retry_due(slot), self.home)
 
     def _spawn_flush(self, slot: ThreadSlot) -> None:
         self.spawn(self._flush_task(slot))
@@ -404,6 +414,7 @@ class Flow:
         """Wait until the outbox is empty and ``busy()`` is false (no send waiting for its
         thread), or ``timeout`` seconds passed; return how many entries are left."""
         deadline = time.monotonic() + timeout
+        self.here()
         while True:
             await self.expire()
             for slot in list(self.backlogged):

@@ -56,25 +56,40 @@ def resolve(future: asyncio.Future[Any], value: Any = None) -> bool:
 class Later:
     """A cancellable timer from :func:`later`."""
 
-    __slots__ = ("_handle",)
+    __slots__ = ("_cancelled", "_handle")
 
-    def __init__(self, handle: asyncio.TimerHandle | threading.Timer) -> None:
-        self._handle = handle
+    def __init__(self) -> None:
+        self._handle: asyncio.TimerHandle | threading.Timer | None = None
+        self._cancelled = False
+
+    def _start(self, loop: asyncio.AbstractEventLoop, delay: float, fn: Callable[[], Any]) -> None:
+        if not self._cancelled:
+            self._handle = loop.call_later(delay, fn)
 
     def cancel(self) -> None:
-        self._handle.cancel()
+        self._cancelled = True
+        if self._handle is not None:
+            self._handle.cancel()
 
 
-def later(delay: float, fn: Callable[[], Any]) -> Later:
-    """Call ``fn()`` after ``delay`` seconds: on the running loop, or from a timer thread
-    when no loop runs here (synchronous code)."""
+def later(
+    delay: float, fn: Callable[[], Any], home: asyncio.AbstractEventLoop | None = None
+) -> Later:
+    """Call ``fn()`` after ``delay`` seconds: on the loop running here; else on ``home`` (a
+    loop the guard works on, even while it is paused between runs), on its own clock; else,
+    with no loop at all (synchronous code), from a timer thread."""
+    timer = Later()
     loop = running_loop()
     if loop is not None:
-        return Later(loop.call_later(delay, fn))
-    timer = threading.Timer(delay, fn)
-    timer.daemon = True
-    timer.start()
-    return Later(timer)
+        timer._start(loop, delay, fn)
+    elif home is not None and not home.is_closed():
+        home.call_soon_threadsafe(timer._start, home, delay, fn)
+    else:
+        thread = threading.Timer(delay, fn)
+        thread.daemon = True
+        thread.start()
+        timer._handle = thread
+    return timer
 
 
 class Signal:

@@ -110,6 +110,7 @@ class Pipeline:
             record = self._recorder.make(Outcome.REJECTED, thread_name(thread_id), 0, message, bad)
             return self._recorder.conclude(record)
         created_at = time.time()
+        self._flow.home = asyncio.get_running_loop()
         slot, ticket = self._table.take(thread_id, _Pending(message, call, created_at, True))
         if ticket is not None:
             await self._wait_turn(slot, ticket)
@@ -258,6 +259,7 @@ class Pipeline:
     ) -> bool:
         """A fast-path delivery did not work (or its sender was cancelled): decide as the
         general path does, then leave the line."""
+        slot.seq = seq
         self._recorder.seq_recorded()
         try:
             if self._stamp is not None:

@@ -71,7 +71,7 @@ class Senders:
                 or not slot.lock.acquire(False)
             ):
                 return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
-            slot.seq = seq = slot.seq + 1
+            seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
             try:
                 result = await (wrapped(*args, **kwargs) if kwargs else wrapped(*args))
             except asyncio.CancelledError:
@@ -87,6 +87,7 @@ class Senders:
             if not result and result is not None:
                 call = Call(wrapped, args, kwargs, rebind)
                 return await pipeline.failed_fast(slot, seq, payload, call, *judge(result))
+            slot.seq = seq
             slot.lock.release()
             if slot.tickets:
                 recheck(slot)
@@ -178,7 +179,7 @@ class Senders:
             with tel.sending(thread_name(thread_id), message):
                 return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
         started = time.time_ns() if tel.active else 0
-        slot.seq = seq = slot.seq + 1
+        seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
         confirm = pipeline.delivery.confirm
         probe = token = None
         if confirm is not None:  # (transport.open_probe, inlined: this path is hot)
@@ -216,6 +217,7 @@ class Senders:
         if probe is not None and not probe.owners <= slot.owners:  # a new carrier connection
             for owner in probe.owners - slot.owners:
                 self._table.own(slot, owner)
+        slot.seq = seq
         slot.lock.release()
         if slot.tickets:
             self._table.lines.recheck(slot)

@@ -192,6 +192,7 @@ class Guard:
         self._associate(thread_id, serving if serving is not None else owner)
 
     def _associate(self, thread_id: str, owner: object) -> None:
+        self._flow.here()
         table = self._table
         with table.mutex:
             slot = table.slot(thread_id)

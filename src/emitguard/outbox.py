@@ -11,9 +11,8 @@ from __future__ import annotations
 import abc
 import bisect
 import dataclasses
-import heapq
 import inspect
-import itertools
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -89,8 +88,9 @@ class Outbox(abc.ABC):
         protect: Collection[str],
         in_flight: Collection[tuple[str, int]] = (),
     ) -> OutboxEntry | None:
-        """Remove and return the oldest entry whose event type is not protected and which is
-        not being delivered right now (``(thread_id, seq)`` in ``in_flight``).
+        """Remove and return the oldest entry (the one in the outbox longest) whose event type
+        is not protected and which is not being delivered right now (``(thread_id, seq)`` in
+        ``in_flight``).
 
         ``thread_id=None`` looks at every thread (the global bound).
         """
@@ -109,15 +109,15 @@ class Outbox(abc.ABC):
 
 
 class MemoryOutbox(Outbox):
-    """In-process outbox: one list per thread, ordered by ``seq``, and a heap over every
-    entry by age, so that evicting the oldest for the global bound costs O(log n)."""
+    """In-process outbox: one list per thread, ordered by ``seq``, and every entry in the
+    order it came in, so that evicting the oldest for the global bound costs amortised O(1)."""
 
     synchronous = True
 
     def __init__(self) -> None:
         self._threads: dict[Any, list[OutboxEntry]] = {}
-        self._by_age: list[tuple[float, int, OutboxEntry]] = []
-        self._order = itertools.count()
+        self._arrivals: deque[OutboxEntry] = deque()
+        """Every entry in the order it came in (and some that left since: skipped)."""
         self._size = 0
 
     def __len__(self) -> int:
@@ -130,7 +130,7 @@ class MemoryOutbox(Outbox):
         else:
             bisect.insort(items, entry, key=_seq)
         self._size += 1
-        heapq.heappush(self._by_age, (entry.created, next(self._order), entry))
+        self._arrivals.append(entry)
 
     async def head(self, thread_id: Any) -> OutboxEntry | None:
         items = self._threads.get(thread_id)
@@ -151,9 +151,8 @@ class MemoryOutbox(Outbox):
         self._size -= count
         if not items:
             del self._threads[thread_id]
-        if len(self._by_age) > 2 * self._size + 64:  # mostly stale: rebuild, amortised O(1)
-            self._by_age = [item for item in self._by_age if self._holds(item[2])]
-            heapq.heapify(self._by_age)
+        if len(self._arrivals) > 2 * self._size + 64:  # mostly gone: rebuild, amortised O(1)
+            self._arrivals = deque(entry for entry in self._arrivals if self._holds(entry))
 
     def _holds(self, entry: OutboxEntry) -> bool:
         items = self._threads.get(entry.thread_id)
@@ -184,19 +183,18 @@ class MemoryOutbox(Outbox):
 
         if thread_id is not None:
             return next((e for e in self._threads.get(thread_id, ()) if evictable(e)), None)
-        skipped: list[tuple[float, int, OutboxEntry]] = []
+        skipped: list[OutboxEntry] = []
         victim = None
-        heap = self._by_age
-        while heap:
-            item = heapq.heappop(heap)
-            if not self._holds(item[2]):
-                continue  # stale: it left the outbox already
-            if evictable(item[2]):
-                victim = item[2]
+        arrivals = self._arrivals
+        while arrivals:
+            entry = arrivals.popleft()
+            if not self._holds(entry):
+                continue  # it left the outbox already
+            if evictable(entry):
+                victim = entry
                 break
-            skipped.append(item)
-        for item in skipped:
-            heapq.heappush(heap, item)
+            skipped.append(entry)
+        arrivals.extendleft(reversed(skipped))
         return victim
 
     async def expire(self, thread_id: Any, created_before: float) -> list[OutboxEntry]:
