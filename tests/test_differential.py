@@ -24,9 +24,9 @@ return values of ``disconnect_owner`` and ``drain``.
 from __future__ import annotations
 
 import asyncio
-import os
 import contextlib
 import itertools
+import os
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -496,6 +496,7 @@ DifferentialMachine.TestCase.settings = settings(
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target] + ([] if os.environ.get("EMITGUARD_NO_SHRINK") else [Phase.shrink]),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
+    + ([] if os.environ.get("EMITGUARD_NO_SHRINK") else [Phase.shrink]),
 )
 TestDifferential = DifferentialMachine.TestCase

@@ -168,9 +168,11 @@ async def test_memory_outbox_eviction_skips_what_left_and_what_is_in_flight() ->
         await box.push(_entry("t", n))
     assert await box.remove("t", 1)
     victim = await box.evict_oldest(None, set(), in_flight={("t", 2)})
-    assert victim is not None and victim.seq == 3
+    assert victim is not None
+    assert victim.seq == 3
     victim = await box.evict_oldest(None, set())
-    assert victim is not None and victim.seq == 2  # no longer in flight: it is the oldest
+    assert victim is not None
+    assert victim.seq == 2
     for n in range(5, 500):  # many come and go: what is kept for ordering stays bounded
         await box.push(_entry("t", n))
         assert await box.remove("t", n)
