@@ -8,6 +8,7 @@ import importlib
 import importlib.metadata
 import os
 import re
+import runpy
 import subprocess
 import sys
 import time
@@ -220,6 +221,16 @@ def test_python_m_emitguard_is_the_command_line() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"emitguard {importlib.metadata.version('emitguard')}"
+
+
+def test_python_m_emitguard_in_process(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["emitguard", "--version"])
+    with pytest.raises(SystemExit) as caught:
+        runpy.run_module("emitguard", run_name="__main__", alter_sys=True)
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("emitguard ")
 
 
 README_QUICK_START = re.compile(r"## Quick start\n\n```python\n(.*?)```", re.DOTALL)
