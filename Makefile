@@ -1,15 +1,21 @@
-# emitguard developer tasks. Everything runs from the project-local .venv.
+# emitguard developer tasks. Development runs from the project-local .venv (the `dev` extra);
+# the demo runs from its own .venv-demo with only the `demo` extra, so a fresh clone's
+# `make demo` installs a handful of packages instead of the whole toolchain.
 PY ?= python3
 
 VENV  := .venv
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+DEMO_VENV  := .venv-demo
+DEMO_BIN   := $(DEMO_VENV)/bin
+DEMO_STAMP := $(DEMO_VENV)/.installed
+
 # Only lint paths that exist (benchmarks/ or tests/ may not exist yet);
 # a missing path would make ruff fail with E902.
 LINT_PATHS := $(wildcard src adapters plugin tests benchmarks)
 
-.PHONY: venv test demo lint bench clean distclean
+.PHONY: venv demo-venv test demo lint bench dist clean distclean
 
 venv: $(STAMP)
 
@@ -23,11 +29,27 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-test: venv
-	$(BIN)/python -m pytest --cov --cov-report=term-missing
+demo-venv: $(DEMO_STAMP)
 
-demo: venv
-	$(BIN)/emitguard demo
+$(DEMO_BIN)/python:
+	$(PY) -m venv $(DEMO_VENV)
+
+$(DEMO_STAMP): pyproject.toml | $(DEMO_BIN)/python
+	$(DEMO_BIN)/python -m pip install --quiet -e '.[demo]'
+	touch $@
+
+# coverage starts before pytest, so the pytest11 plugin (imported while pytest loads its
+# plugins) is measured like everything else.
+test: venv
+	$(BIN)/python -m coverage run -m pytest
+	$(BIN)/python -m coverage report
+
+demo: demo-venv
+	$(DEMO_BIN)/emitguard demo
+
+# The wheel and sdist in dist/ (see docs/index.md, "Installing from a checkout").
+dist: venv
+	$(BIN)/python -m build
 
 lint: venv
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -42,7 +64,8 @@ bench: venv
 clean:
 	rm -rf build dist *.egg-info htmlcov .coverage .coverage.* coverage.xml \
 		.pytest_cache .mypy_cache .ruff_cache .hypothesis
-	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+	find . \( -path ./$(VENV) -o -path ./$(DEMO_VENV) \) -prune -o -type d -name __pycache__ \
+		-prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(DEMO_VENV)

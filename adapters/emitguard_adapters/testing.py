@@ -3,7 +3,8 @@
 ``LegacyWebSocketManager`` behaves like the manager of the incident report, on real
 connections: the agent's first emit can run before ``update_connection_thread``, and then
 ``Cannot deliver message for thread ... no connections`` is logged and the event is lost.
-``serve(app)`` runs an ASGI app under uvicorn on a free loopback port, in the running loop.
+``serve(app)`` runs an ASGI app under uvicorn in the running loop, on a loopback socket it binds
+first (so parallel tests cannot race for the port).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-__all__ = ["LegacyWebSocketManager", "free_port", "legacy_app", "serve"]
+__all__ = ["LegacyWebSocketManager", "bound_socket", "legacy_app", "serve"]
 
 log = logging.getLogger("emitguard.testing.legacy")
 
@@ -123,26 +124,40 @@ def legacy_app(
     return Starlette(routes=[WebSocketRoute("/ws", endpoint)])
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def bound_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to a port the system picked (port 0), not listening yet: the port is
+    held from this moment on, so no other server can take it before this one listens."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @contextlib.asynccontextmanager
 async def serve(app: Any) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn on 127.0.0.1 in the running loop; yields ``host:port``."""
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    """Run ``app`` under uvicorn on 127.0.0.1 in the running loop; yields ``host:port``.
+
+    The socket is bound first and handed to uvicorn (``Server.serve(sockets=[...])``), and the
+    address is the one it is bound to: parallel tests cannot race for a port.
+    """
+    sock = bound_socket()
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:
             if task.done():
                 task.result()  # raises what stopped it
                 raise RuntimeError("uvicorn stopped before it started")
             await asyncio.sleep(0.005)
-        yield f"127.0.0.1:{port}"
+        yield f"{host}:{port}"
     finally:
         server.should_exit = True
-        await task
+        try:
+            await task
+        finally:
+            sock.close()

@@ -24,6 +24,10 @@ from typing import Any
 import pytest
 import wrapt
 
+from emitguard import AdapterError
+from emitguard.calls import Arg
+from emitguard_adapters._params import parameters, resolve
+
 __all__ = [
     "DelayedAssociation",
     "DroppedThread",
@@ -210,7 +214,7 @@ class Faults:
         *,
         disconnect_args: Sequence[Any] = (),
         associate: str | None = "update_connection_thread",
-        thread_param: str = "thread_id",
+        thread_param: str | int | None = None,
     ) -> DroppedThread:
         """After the ``n``-th successful delivery to ``thread_id`` its connection drops: later
         sends to it return False, until an association of the thread succeeds (``associate``,
@@ -218,6 +222,12 @@ class Faults:
 
         ``disconnect`` names a method called (as it is on the target, with
         ``disconnect_args``) at the moment of the drop.
+
+        The thread argument of ``send`` and ``associate`` is found the way the guard finds
+        it: by ``thread_param`` (a parameter name or a position) when given, else by the
+        guard's own ``thread_param`` when the target is guarded, else by the name
+        ``"thread_id"``. A method without that parameter is refused with :class:`ValueError`
+        here, instead of a fault that never fires.
         """
         if not isinstance(thread_id, str) or not thread_id:
             raise ValueError(f"thread_id must be a non-empty string, got {thread_id!r}")
@@ -229,8 +239,15 @@ class Faults:
                 raise ValueError(f"disconnect: {_label(target)} has no method {disconnect!r}")
         if associate is not None:
             _method_name(associate, "associate")
+        if thread_param is None:
+            thread_param = _guard_thread_param(target, send)
+        thread = _thread_arg(target, send, thread_param, "drop_after")
+        healing = (
+            _thread_arg(target, associate, thread_param, "drop_after")
+            if associate is not None
+            else None
+        )
         handle = DroppedThread(thread_id, n)
-        original = _underneath(target, send)
 
         def drop() -> None:
             handle.dropped = True
@@ -244,13 +261,13 @@ class Faults:
                 task.add_done_callback(self._tasks.discard)
 
         def pre(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if handle.dropped and _thread_of(original, args, kwargs, thread_param) == thread_id:
+            if handle.dropped and thread.pick(args, kwargs) == thread_id:
                 handle.refused += 1
                 return False
             return _PASS
 
         def post(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
-            if _thread_of(original, args, kwargs, thread_param) != thread_id:
+            if thread.pick(args, kwargs) != thread_id:
                 return
             if not result and result is not None:
                 return
@@ -259,12 +276,12 @@ class Faults:
                 drop()
 
         self._below(target, send, pre, post)
-        if associate is not None:
-            assoc_original = _underneath(target, associate)
+        if associate is not None and healing is not None:
+            associated = healing
 
             def healed(args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
                 ok = result or result is None
-                if ok and _thread_of(assoc_original, args, kwargs, thread_param) == thread_id:
+                if ok and associated.pick(args, kwargs) == thread_id:
                     handle.reconnect()
 
             self._below(target, associate, None, healed)
@@ -282,7 +299,14 @@ class Faults:
         error: BaseException | type[BaseException] | None = None,
     ) -> FailingSends:
         """Fail every ``every``-th send, or sends at a seeded random ``rate`` (0..1): the
-        original is not called and the send returns False, or raises ``error`` if given."""
+        original is not called and the send returns False, or raises ``error`` if given.
+
+        The fault sits under the guard and counts every call of the original, whoever makes
+        it: the guard's own retries and outbox flushes are sends too, so with ``every=3`` a
+        flush can be the third call and fail (as a flaky network would fail it). The guard then
+        keeps the event buffered and retries; :attr:`FailingSends.failed_calls` says which
+        calls failed.
+        """
         if (every is None) == (rate is None):
             raise ValueError(
                 f"give exactly one of every= or rate=, got every={every!r}, rate={rate!r}"
@@ -485,17 +509,31 @@ def _own(target: Any) -> dict[str, Any]:
     return own
 
 
-def _thread_of(
-    original: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], param: str
-) -> Any:
-    """The thread argument of a call, by parameter name (or the first argument)."""
+def _guard_thread_param(target: Any, send: str) -> str | int:
+    """The ``thread_param`` the target's guard was given (through its ``send`` method), or
+    the adapter's default ``"thread_id"`` when the target is not guarded."""
+    proxy = _guarded_method(target, send)
+    roles = getattr(getattr(proxy, "_self_adapter", None), "roles", None) or {}
+    wanted = roles.get("thread_param")
+    return wanted if isinstance(wanted, (str, int)) else "thread_id"
+
+
+def _thread_arg(target: Any, name: str, wanted: str | int, fault: str) -> Arg:
+    """Where the thread is in calls of ``target.<name>``, found the way the manager adapter
+    finds it; a :class:`ValueError` that names the parameters and the option when it is not
+    there."""
+    func = _underneath(target, name)
     try:
-        bound = inspect.signature(original).bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return kwargs.get(param, args[0] if args else None)
-    if param in bound.arguments:
-        return bound.arguments[param]
-    return args[0] if args else None
+        params = parameters(func, bound=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{fault}: cannot read the signature of {_label(target)}.{name} ({exc}); "
+            f"pass thread_param= with a position"
+        ) from None
+    try:
+        return resolve(params, wanted, where=f"{_label(target)}.{name}", option="thread_param")
+    except AdapterError as exc:
+        raise ValueError(f"{fault}: {exc}") from None
 
 
 def _count(value: Any, name: str, *, minimum: int) -> int:

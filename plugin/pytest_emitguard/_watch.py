@@ -5,8 +5,9 @@ Registered with pytest by :mod:`pytest_emitguard.plugin`, which also declares it
 * Log watch (ini ``emitguard_fail_on_log``): a test fails when, between the start of its setup
   and the end of its teardown, the root logger sees a WARNING-or-worse record whose message
   matches one of the regular expressions (searched, not anchored).  Records from loggers with
-  ``propagate = False`` never reach the root logger and are not seen.  An empty value turns the
-  watch off.
+  ``propagate = False`` never reach the root logger and are not seen.  The default is empty:
+  the watch is off until a project's configuration lists patterns, so a project that merely has
+  emitguard installed never fails on its log lines.
 * Report (``--emitguard-report=PATH``): every emission record of the session, per test id, as
   JSON, plus an "emitguard" terminal summary section.  The section is printed only when the
   option is given and at least one record was collected.  Under pytest-xdist, workers send

@@ -1,5 +1,11 @@
 """pytest plugin entry point (``pytest11``): fixtures, marker and options for emitguard.
 
+Installed next to any project, the plugin stays out of its way until that project opts in:
+its fixtures (all named ``emitguard_*``) act where a test requests them, the marker where a
+test carries it, and the log watch (``emitguard_fail_on_log``) and strict mode
+(``emitguard_strict`` / ``--emitguard-strict``) only where the project's configuration turns
+them on. Both are off by default.
+
 Everything heavy is imported inside the hooks and fixtures, so coverage sees this package.
 """
 
@@ -16,8 +22,12 @@ if TYPE_CHECKING:
     from emitguard.testing import ReferenceManager
     from pytest_emitguard._ledger import EmissionLedger
 
-DEFAULT_FAIL_ON_LOG = ("Cannot deliver message for thread", "EMISSION FAILED")
-"""Default ``emitguard_fail_on_log`` patterns: the legacy manager's lost-event warnings."""
+LEGACY_FAIL_ON_LOG = ("Cannot deliver message for thread", "EMISSION FAILED")
+"""Patterns for the legacy manager's lost-event warnings, suggested in the docs for
+``emitguard_fail_on_log``; the option's default is empty (the watch is off)."""
+
+LEDGER = "emitguard_emissions"
+"""The ledger fixture's name; strict mode and the marker add it to a test."""
 
 MARKER = (
     "emitguard(*, allow=(), drain_timeout=2.0, strict=None): check the emissions of this test "
@@ -50,9 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "emitguard_fail_on_log",
         type="linelist",
-        default=list(DEFAULT_FAIL_ON_LOG),
+        default=[],
         help="regular expressions; a WARNING-or-worse log record matching one fails the test "
-        "(empty: off)",
+        "(default empty: the watch is off)",
     )
 
 
@@ -115,9 +125,26 @@ class MarkerOptions:
             raise pytest.UsageError(f"{item.nodeid}: @pytest.mark.emitguard: {exc}") from None
 
 
-def _strict(config: pytest.Config, options: MarkerOptions) -> bool:
-    if options.strict is not None:
-        return options.strict
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Strict mode and the marker give a test the ledger check without the fixture.
+
+    The ledger goes first among the test's fixtures, so that it also sees what the other
+    fixtures emit. Tests of a project that neither sets strict mode nor uses the marker are
+    left exactly as they are (no autouse fixture).
+    """
+    if not isinstance(item, pytest.Function) or LEDGER in item.fixturenames:
+        return
+    marker = item.get_closest_marker("emitguard")
+    strict = marker.kwargs.get("strict") if marker is not None else None
+    if strict is None:
+        strict = marker is not None or _strict(item.config)
+    if strict:
+        # A new list: parametrized tests share the one they were collected with.
+        item.fixturenames = [LEDGER, *item.fixturenames]
+
+
+def _strict(config: pytest.Config) -> bool:
     flag = config.getoption("emitguard_strict")
     return bool(flag) if flag is not None else bool(config.getini("emitguard_strict"))
 
@@ -134,7 +161,7 @@ def _drain_guards(guards: Iterable[Guard], timeout: float) -> None:
 
 
 @pytest.fixture
-def emissions(request: pytest.FixtureRequest) -> Iterator[EmissionLedger]:
+def emitguard_emissions(request: pytest.FixtureRequest) -> Iterator[EmissionLedger]:
     """The ledger of every emission recorded by any guard during the test.
 
     At teardown it drains the guards (bounded by the marker's ``drain_timeout``) and fails the
@@ -164,20 +191,6 @@ def emissions(request: pytest.FixtureRequest) -> Iterator[EmissionLedger]:
         )
 
 
-@pytest.fixture(autouse=True)
-def _emitguard_strict_mode(request: pytest.FixtureRequest) -> None:
-    """In strict mode (or with the marker), every test gets the ``emissions`` check."""
-    if "emissions" in request.fixturenames:
-        return
-    options = MarkerOptions.of(request.node)
-    marked = request.node.get_closest_marker("emitguard") is not None
-    wanted = (
-        options.strict if options.strict is not None else marked or _strict(request.config, options)
-    )
-    if wanted:
-        request.getfixturevalue("emissions")
-
-
 @pytest.fixture
 def emitguard_guard() -> Iterator[Callable[..., Guard]]:
     """``emitguard_guard(target, **options) -> Guard``; every target is unguarded at teardown,
@@ -199,7 +212,7 @@ def emitguard_guard() -> Iterator[Callable[..., Guard]]:
 
 
 @pytest.fixture
-def reference_manager() -> ReferenceManager:
+def emitguard_manager() -> ReferenceManager:
     """A fresh :class:`emitguard.testing.ReferenceManager` (unguarded)."""
     from emitguard.testing import ReferenceManager
 

@@ -2,8 +2,8 @@
 
 No ``MagicMock(spec=WebSocketManager)``: a real (reference) legacy manager, a tiny agent
 executor that emits the five agent events through a bridge, and the report's race on purpose:
-the association happens 20 ms after the agent starts. The ``emissions`` fixture fails the test
-if any event is lost, dropped or still undelivered at the end.
+the association happens 20 ms after the agent starts. The ``emitguard_emissions`` fixture fails
+the test if any event is lost, dropped or still undelivered at the end.
 """
 
 from __future__ import annotations
@@ -52,13 +52,13 @@ async def handle_start_agent(manager: ReferenceManager, user_id: str, thread_id:
 
 
 @pytest.fixture
-def manager(reference_manager: ReferenceManager, emitguard_guard: Any) -> ReferenceManager:
-    emitguard_guard(reference_manager, disconnect="disconnect_user")  # the one-line fix
-    return reference_manager
+def manager(emitguard_manager: ReferenceManager, emitguard_guard: Any) -> ReferenceManager:
+    emitguard_guard(emitguard_manager, disconnect="disconnect_user")  # the one-line fix
+    return emitguard_manager
 
 
 async def test_every_agent_event_reaches_the_user(
-    manager: ReferenceManager, emitguard_faults: Any, emissions: Any
+    manager: ReferenceManager, emitguard_faults: Any, emitguard_emissions: Any
 ) -> None:
     socket = manager.connect("user-1")
     emitguard_faults.delay_association(manager, 0.02)  # the race, on purpose
@@ -66,5 +66,5 @@ async def test_every_agent_event_reaches_the_user(
     await handle_start_agent(manager, "user-1", "thread-1")
     await asyncio.sleep(0.03)  # let the delayed association happen
 
-    emissions.assert_delivered(*AGENT_EVENTS, thread="thread-1")
+    emitguard_emissions.assert_delivered(*AGENT_EVENTS, thread="thread-1")
     assert [m["type"] for m in socket.received] == AGENT_EVENTS

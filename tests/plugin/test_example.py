@@ -9,7 +9,7 @@ import pytest
 pytest_plugins = ["pytester"]
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "test_mission_critical.py"
-FIX = '    emitguard_guard(reference_manager, disconnect="disconnect_user")  # the one-line fix\n'
+FIX = '    emitguard_guard(emitguard_manager, disconnect="disconnect_user")  # the one-line fix\n'
 ASYNCIO = (
     "-p",
     "asyncio",

@@ -36,35 +36,35 @@ def types(messages: list[Any]) -> list[str]:
 
 
 async def test_delayed_association_loses_events_unguarded(
-    reference_manager: ReferenceManager, emitguard_faults: Faults
+    emitguard_manager: ReferenceManager, emitguard_faults: Faults
 ) -> None:
-    reference_manager.connect("u1")
-    delayed = emitguard_faults.delay_association(reference_manager, 0.05)
-    await agent_run(reference_manager, "u1", "t1")
+    emitguard_manager.connect("u1")
+    delayed = emitguard_faults.delay_association(emitguard_manager, 0.05)
+    await agent_run(emitguard_manager, "u1", "t1")
     assert delayed.calls == 1
     assert delayed.pending == 1
     await asyncio.sleep(0.1)
     assert delayed.completed == 1
     assert delayed.results == [True]
-    assert reference_manager.lost > 0
-    assert reference_manager.received("t1") == []
+    assert emitguard_manager.lost > 0
+    assert emitguard_manager.received("t1") == []
 
 
 async def test_delayed_association_guarded_delivers_all_in_order(
-    reference_manager: ReferenceManager,
+    emitguard_manager: ReferenceManager,
     emitguard_guard: GuardFactory,
     emitguard_faults: Faults,
-    emissions: EmissionLedger,
+    emitguard_emissions: EmissionLedger,
 ) -> None:
-    reference_manager.connect("u1")
-    guard = emitguard_guard(reference_manager)
-    delayed = emitguard_faults.delay_association(reference_manager, 0.05)
-    await agent_run(reference_manager, "u1", "t1")
+    emitguard_manager.connect("u1")
+    guard = emitguard_guard(emitguard_manager)
+    delayed = emitguard_faults.delay_association(emitguard_manager, 0.05)
+    await agent_run(emitguard_manager, "u1", "t1")
     assert delayed.completed == 1
     assert guard.state("t1") is ConnectionState.CONNECTED
-    emissions.assert_delivered(*EVENTS, thread="t1")
-    assert reference_manager.lost == 0
-    assert types(reference_manager.received("t1")) == EVENTS
+    emitguard_emissions.assert_delivered(*EVENTS, thread="t1")
+    assert emitguard_manager.lost == 0
+    assert types(emitguard_manager.received("t1")) == EVENTS
 
 
 async def test_delay_of_an_async_association_schedules_a_task(
@@ -86,26 +86,26 @@ async def test_delay_of_an_async_association_schedules_a_task(
 
 
 async def test_undo_cancels_delayed_calls(
-    reference_manager: ReferenceManager, emitguard_faults: Faults
+    emitguard_manager: ReferenceManager, emitguard_faults: Faults
 ) -> None:
-    reference_manager.connect("u1")
-    emitguard_faults.delay_association(reference_manager, 0.02)
-    reference_manager.update_connection_thread("u1", "t1")
+    emitguard_manager.connect("u1")
+    emitguard_faults.delay_association(emitguard_manager, 0.02)
+    emitguard_manager.update_connection_thread("u1", "t1")
     emitguard_faults.undo()
     await asyncio.sleep(0.05)
-    assert reference_manager.threads_of("u1") == set()
+    assert emitguard_manager.threads_of("u1") == set()
 
 
 # ------------------------------------------------------------------ drop_after
 
 
 async def test_drop_after_then_reassociation_flushes_in_order(
-    reference_manager: ReferenceManager,
+    emitguard_manager: ReferenceManager,
     emitguard_guard: GuardFactory,
     emitguard_faults: Faults,
-    emissions: EmissionLedger,
+    emitguard_emissions: EmissionLedger,
 ) -> None:
-    manager = reference_manager
+    manager = emitguard_manager
     manager.connect("u1")
     guard = emitguard_guard(manager, retry_backoff=())
     manager.update_connection_thread("u1", "t1")
@@ -119,17 +119,17 @@ async def test_drop_after_then_reassociation_flushes_in_order(
     assert not drop.dropped
     await manager.send_to_thread("t1", {"type": EVENTS[4]})
     assert await guard.drain(2.0) == 0
-    emissions.assert_delivered(*EVENTS, thread="t1")
+    emitguard_emissions.assert_delivered(*EVENTS, thread="t1")
     assert types(manager.received("t1")) == EVENTS
 
 
 async def test_drop_after_calls_disconnect(
-    reference_manager: ReferenceManager,
+    emitguard_manager: ReferenceManager,
     emitguard_guard: GuardFactory,
     emitguard_faults: Faults,
-    emissions: EmissionLedger,
+    emitguard_emissions: EmissionLedger,
 ) -> None:
-    manager = reference_manager
+    manager = emitguard_manager
     first = manager.connect("u1")
     guard = emitguard_guard(manager, disconnect="disconnect_user")
     manager.update_connection_thread("u1", "t1")
@@ -146,35 +146,35 @@ async def test_drop_after_calls_disconnect(
     assert await guard.drain(2.0) == 0
     assert types(first.received) == EVENTS[:1]
     assert types(second.received) == EVENTS[1:3]
-    emissions.assert_delivered(*EVENTS[:3], thread="t1")
+    emitguard_emissions.assert_delivered(*EVENTS[:3], thread="t1")
 
 
 async def test_drop_after_leaves_other_threads_alone(
-    reference_manager: ReferenceManager, emitguard_faults: Faults
+    emitguard_manager: ReferenceManager, emitguard_faults: Faults
 ) -> None:
-    reference_manager.connect("u1")
-    reference_manager.connect("u2")
-    reference_manager.update_connection_thread("u1", "t1")
-    reference_manager.update_connection_thread("u2", "t2")
-    drop = emitguard_faults.drop_after(reference_manager, "t1", 1, associate=None)
-    assert await reference_manager.send_to_thread("t1", {"type": "a"}) is True
-    assert await reference_manager.send_to_thread("t1", {"type": "b"}) is False
-    assert await reference_manager.send_to_thread("t2", {"type": "c"}) is True
+    emitguard_manager.connect("u1")
+    emitguard_manager.connect("u2")
+    emitguard_manager.update_connection_thread("u1", "t1")
+    emitguard_manager.update_connection_thread("u2", "t2")
+    drop = emitguard_faults.drop_after(emitguard_manager, "t1", 1, associate=None)
+    assert await emitguard_manager.send_to_thread("t1", {"type": "a"}) is True
+    assert await emitguard_manager.send_to_thread("t1", {"type": "b"}) is False
+    assert await emitguard_manager.send_to_thread("t2", {"type": "c"}) is True
     drop.reconnect()
-    assert await reference_manager.send_to_thread("t1", {"type": "d"}) is True
-    assert types(reference_manager.received("t1")) == ["a", "d"]
+    assert await emitguard_manager.send_to_thread("t1", {"type": "d"}) is True
+    assert types(emitguard_manager.received("t1")) == ["a", "d"]
 
 
 # ------------------------------------------------------------------ fail_sends
 
 
 async def test_fail_every_second_send_guarded_delivers_all_after_drain(
-    reference_manager: ReferenceManager,
+    emitguard_manager: ReferenceManager,
     emitguard_guard: GuardFactory,
     emitguard_faults: Faults,
-    emissions: EmissionLedger,
+    emitguard_emissions: EmissionLedger,
 ) -> None:
-    manager = reference_manager
+    manager = emitguard_manager
     manager.connect("u1")
     guard = emitguard_guard(manager)
     manager.update_connection_thread("u1", "t1")
@@ -190,8 +190,8 @@ async def test_fail_every_second_send_guarded_delivers_all_after_drain(
     assert guard.stats().pending_total == 0
     assert failing.failures >= 2
     assert failing.failed_calls == list(range(2, failing.calls + 1, 2))
-    emissions.assert_delivered(*EVENTS, thread="t1")
-    emissions.assert_no_duplicates()
+    emitguard_emissions.assert_delivered(*EVENTS, thread="t1")
+    emitguard_emissions.assert_no_duplicates()
     assert types(manager.received("t1")) == EVENTS
 
 
@@ -230,12 +230,12 @@ async def test_fail_sends_at_a_seeded_rate_is_deterministic(emitguard_faults: Fa
 
 
 async def test_raise_on_association_marks_error_then_recovers(
-    reference_manager: ReferenceManager,
+    emitguard_manager: ReferenceManager,
     emitguard_guard: GuardFactory,
     emitguard_faults: Faults,
-    emissions: EmissionLedger,
+    emitguard_emissions: EmissionLedger,
 ) -> None:
-    manager = reference_manager
+    manager = emitguard_manager
     manager.connect("u1")
     guard = emitguard_guard(manager)
     raising = emitguard_faults.raise_on_association(manager, ConnectionError("boom"))
@@ -248,7 +248,7 @@ async def test_raise_on_association_marks_error_then_recovers(
     assert guard.state("t1") is ConnectionState.CONNECTED
     assert await guard.drain(2.0) == 0
     assert (raising.calls, raising.raised, raising.remaining) == (2, 1, 0)
-    emissions.assert_delivered("agent_started", thread="t1")
+    emitguard_emissions.assert_delivered("agent_started", thread="t1")
 
 
 # ------------------------------------------------------------------ undo
@@ -262,21 +262,21 @@ def _apply_all(faults: Faults, manager: ReferenceManager) -> None:
 
 
 def test_undo_restores_the_exact_guarded_attributes(
-    reference_manager: ReferenceManager, emitguard_guard: GuardFactory
+    emitguard_manager: ReferenceManager, emitguard_guard: GuardFactory
 ) -> None:
-    emitguard_guard(reference_manager)
+    emitguard_guard(emitguard_manager)
     names = ("send_to_thread", "update_connection_thread")
-    proxies = {name: vars(reference_manager)[name] for name in names}
+    proxies = {name: vars(emitguard_manager)[name] for name in names}
     inner = {name: proxies[name].__wrapped__ for name in names}
     faults = Faults()
-    _apply_all(faults, reference_manager)
-    assert vars(reference_manager)["update_connection_thread"] is not proxies[names[1]]
+    _apply_all(faults, emitguard_manager)
+    assert vars(emitguard_manager)["update_connection_thread"] is not proxies[names[1]]
     assert proxies["send_to_thread"].__wrapped__ is not inner["send_to_thread"]
     assert inspect.iscoroutinefunction(proxies["send_to_thread"].__wrapped__)
     faults.undo()
     faults.undo()  # twice is harmless
     for name in names:
-        assert vars(reference_manager)[name] is proxies[name]
+        assert vars(emitguard_manager)[name] is proxies[name]
         assert proxies[name].__wrapped__ is inner[name]
 
 
@@ -360,3 +360,127 @@ def test_a_failing_test_still_gets_its_target_restored(pytester: pytest.Pytester
     result = pytester.runpytest("-o", "asyncio_default_fixture_loop_scope=function")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*the test fails with its faults in place*"])
+
+
+# ------------------------------------------------------------------ finding the thread
+
+
+class AgentHub:
+    """A manager whose thread argument is not ``thread_id``: ``emit(event, data, room)``."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, set[str]] = {}
+        self.sent: list[tuple[str, str, Any]] = []
+
+    def join(self, sid: str, room: str) -> bool:
+        self.rooms.setdefault(room, set()).add(sid)
+        return True
+
+    async def emit(self, event: str, data: Any, room: str) -> bool:
+        if not self.rooms.get(room):
+            return False
+        self.sent.append((room, event, data))
+        return True
+
+
+HUB_ROLES = {"send": "emit", "associate": "join", "message_param": "data"}
+
+
+async def test_drop_after_finds_the_thread_the_way_the_guard_does(
+    emitguard_guard: GuardFactory, emitguard_faults: Faults
+) -> None:
+    hub = AgentHub()
+    guard = emitguard_guard(hub, thread_param="room", retry_backoff=(), **HUB_ROLES)
+    hub.join("sid-1", "r1")
+    drop = emitguard_faults.drop_after(hub, "r1", 1, send="emit", associate="join")
+    await hub.emit("agent_started", {}, "r1")
+    await hub.emit("agent_thinking", {}, room="r1")
+    assert (drop.delivered, drop.refused, drop.dropped) == (1, 1, True)
+    assert guard.state("r1") is ConnectionState.DISCONNECTED
+    hub.join("sid-1", "r1")  # the association below the guard ends the drop
+    assert not drop.dropped
+    assert await guard.drain(2.0) == 0
+    assert [event for _, event, _ in hub.sent] == ["agent_started", "agent_thinking"]
+
+
+@pytest.mark.parametrize(
+    ("thread_param", "associate"), [("room", "join"), (2, None)], ids=["by-name", "by-position"]
+)
+async def test_drop_after_unguarded_takes_thread_param(
+    emitguard_faults: Faults, thread_param: str | int, associate: str | None
+) -> None:
+    hub = AgentHub()
+    hub.join("sid-1", "r1")
+    drop = emitguard_faults.drop_after(
+        hub, "r1", 1, send="emit", associate=associate, thread_param=thread_param
+    )
+    assert await hub.emit("a", {}, "r1") is True
+    assert await hub.emit("b", {}, room="r1") is False
+    assert await hub.emit("c", {}, "r2") is False  # another room: not refused by the fault
+    assert (drop.delivered, drop.refused) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"send": "emit", "associate": None},
+            r"drop_after: AgentHub instance\.emit\(event, data, room\) has no parameter "
+            r"'thread_id'; pass thread_param= to name it",
+        ),
+        (
+            {"send": "emit", "associate": "join", "thread_param": "thread"},
+            r"drop_after: AgentHub instance\.emit\(event, data, room\) has no parameter 'thread'",
+        ),
+        (
+            {"send": "emit", "associate": "join", "thread_param": 5},
+            r"drop_after: AgentHub instance\.emit\(event, data, room\) has no positional "
+            r"parameter 5",
+        ),
+    ],
+    ids=["default-name", "wrong-name", "wrong-position"],
+)
+def test_drop_after_refuses_when_it_cannot_find_the_thread(
+    emitguard_faults: Faults, options: dict[str, Any], message: str
+) -> None:
+    hub = AgentHub()
+    with pytest.raises(ValueError, match=message):
+        emitguard_faults.drop_after(hub, "r1", 1, **options)
+    assert "emit" not in vars(hub)  # nothing was installed
+
+
+def test_drop_after_refuses_an_association_without_the_thread(
+    emitguard_guard: GuardFactory, emitguard_faults: Faults
+) -> None:
+    class Hub(AgentHub):
+        def enter(self, sid: str) -> bool:
+            return True
+
+    hub = Hub()
+    emitguard_guard(hub, thread_param="room", **HUB_ROLES)
+    with pytest.raises(ValueError, match=r"Hub instance\.enter\(sid\) has no parameter 'room'"):
+        emitguard_faults.drop_after(hub, "r1", 1, send="emit", associate="enter")
+
+
+async def test_fail_sends_also_fails_flushes(
+    emitguard_manager: ReferenceManager,
+    emitguard_guard: GuardFactory,
+    emitguard_faults: Faults,
+    emitguard_emissions: EmissionLedger,
+) -> None:
+    """Documented: the fault counts the guard's own flush calls of the original too."""
+    manager = emitguard_manager
+    manager.connect("u1")
+    guard = emitguard_guard(manager, on_unready="buffer")
+    failing = emitguard_faults.fail_sends(manager, every=2)
+    for kind in EVENTS[:3]:
+        await manager.send_to_thread("t1", {"type": kind})  # buffered: not a call yet
+    assert failing.calls == 0
+    for _ in range(20):
+        manager.update_connection_thread("u1", "t1")  # flushes the outbox
+        if not await guard.drain(0.5):
+            break
+    assert 2 in failing.failed_calls  # the second flushed event failed once
+    assert failing.calls >= 4  # three flushes and at least one retry
+    emitguard_emissions.assert_delivered(*EVENTS[:3], thread="t1")
+    assert types(manager.received("t1")) == EVENTS[:3]

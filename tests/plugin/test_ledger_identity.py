@@ -1,9 +1,8 @@
-"""The ``emissions`` ledger tells guards apart by identity, not by name (issue 10, point 7).
+"""The ``emitguard_emissions`` ledger tells guards apart by identity, not by name (issue 10).
 
-Two instances of one manager class, each guarded, get guards that may share a name (today
-the default name is the class name). Their emissions to one thread id share ``(thread,
-seq)``; the ledger must still see two emissions, not one delivered twice or one that hides
-the other's loss.
+Two instances of one manager class, each guarded, get guards that may share a name. Their
+emissions to one thread id share ``(thread, seq)``; the ledger must still see two emissions,
+not one delivered twice or one that hides the other's loss.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ def test_a_loss_on_one_of_two_same_class_guards_fails_the_test(pytester: pytest.
         pytester,
         """
 @pytest.mark.emitguard(drain_timeout=0.1)
-async def test_two_managers(emitguard_guard, emissions):
+async def test_two_managers(emitguard_guard, emitguard_emissions):
     lossy, healthy = ReferenceManager(), ReferenceManager()
     emitguard_guard(lossy, on_unready="buffer")
     emitguard_guard(healthy)
@@ -61,17 +60,17 @@ def test_the_same_seq_from_two_same_class_guards_is_not_a_duplicate(
     result = run(
         pytester,
         """
-async def test_two_managers(emitguard_guard, emissions):
+async def test_two_managers(emitguard_guard, emitguard_emissions):
     first, second = ReferenceManager(), ReferenceManager()
     emitguard_guard(first)
     emitguard_guard(second)
     await deliver_first_event(first, "t-1")
     await deliver_first_event(second, "t-1")
-    emissions.assert_no_duplicates()
-    emissions.assert_no_gaps("t-1")
-    emissions.assert_no_failures()
-    assert len(emissions.final()) == 2
-    assert emissions.types("t-1") == ["agent_started", "agent_started"]
+    emitguard_emissions.assert_no_duplicates()
+    emitguard_emissions.assert_no_gaps("t-1")
+    emitguard_emissions.assert_no_failures()
+    assert len(emitguard_emissions.final()) == 2
+    assert emitguard_emissions.types("t-1") == ["agent_started", "agent_started"]
 """,
     )
     result.assert_outcomes(passed=1)

@@ -41,18 +41,18 @@ def test_guarded_agent_run_passes(pytester: pytest.Pytester) -> None:
     result = run(
         pytester,
         """
-async def test_guarded(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager, disconnect="disconnect_user")
-    reference_manager.connect("u1")
-    await start_agent(reference_manager, "u1", "t-1", lag=0.01)
-    emissions.assert_delivered(*EVENTS, thread="t-1")
-    emissions.assert_no_failures()
-    emissions.assert_no_gaps("t-1")
-    emissions.assert_no_duplicates()
-    assert emissions.types("t-1") == EVENTS
-    assert len(emissions.by_thread("t-1")) == 5
-    assert emissions.by_outcome("delivered")[0].waited > 0
-    assert emissions.by_type("agent_started")[0].seq == 1
+async def test_guarded(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager, disconnect="disconnect_user")
+    emitguard_manager.connect("u1")
+    await start_agent(emitguard_manager, "u1", "t-1", lag=0.01)
+    emitguard_emissions.assert_delivered(*EVENTS, thread="t-1")
+    emitguard_emissions.assert_no_failures()
+    emitguard_emissions.assert_no_gaps("t-1")
+    emitguard_emissions.assert_no_duplicates()
+    assert emitguard_emissions.types("t-1") == EVENTS
+    assert len(emitguard_emissions.by_thread("t-1")) == 5
+    assert emitguard_emissions.by_outcome("delivered")[0].waited > 0
+    assert emitguard_emissions.by_type("agent_started")[0].seq == 1
 """,
     )
     result.assert_outcomes(passed=1)
@@ -62,10 +62,10 @@ def test_lost_events_fail_the_test_with_a_readable_report(pytester: pytest.Pytes
     result = run(
         pytester,
         """
-async def test_lossy(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager, max_per_thread=2, on_unready="buffer")
-    reference_manager.connect("u1")
-    await run_agent(reference_manager, "t-1")  # never associated
+async def test_lossy(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager, max_per_thread=2, on_unready="buffer")
+    emitguard_manager.connect("u1")
+    await run_agent(emitguard_manager, "t-1")  # never associated
 """,
     )
     result.assert_outcomes(passed=1, errors=1)
@@ -88,9 +88,9 @@ def test_marker_allow_and_drain_timeout(pytester: pytest.Pytester) -> None:
         pytester,
         """
 @pytest.mark.emitguard(allow=("buffered", "DROPPED"), drain_timeout=0.1)
-async def test_allowed(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager, max_per_thread=2, on_unready="buffer")
-    await run_agent(reference_manager, "t-1")
+async def test_allowed(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager, max_per_thread=2, on_unready="buffer")
+    await run_agent(emitguard_manager, "t-1")
 """,
     )
     result.assert_outcomes(passed=1)
@@ -100,11 +100,11 @@ def test_teardown_drain_delivers_what_became_deliverable(pytester: pytest.Pytest
     result = run(
         pytester,
         """
-def test_sync_code(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager, on_unready="buffer")
-    socket = reference_manager.connect("u1")
-    asyncio.run(reference_manager.send_to_thread("t-1", {"type": "agent_started"}))
-    reference_manager.update_connection_thread("u1", "t-1")
+def test_sync_code(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    socket = emitguard_manager.connect("u1")
+    asyncio.run(emitguard_manager.send_to_thread("t-1", {"type": "agent_started"}))
+    emitguard_manager.update_connection_thread("u1", "t-1")
     assert socket.received == [{"type": "agent_started"}]
 """,
     )
@@ -126,7 +126,7 @@ def test_marker_options_are_validated(pytester: pytest.Pytester, marker: str, me
         pytester,
         f"""
 @pytest.mark.emitguard({marker})
-def test_marked(emissions):
+def test_marked(emitguard_emissions):
     pass
 """,
     )
@@ -135,9 +135,9 @@ def test_marked(emissions):
 
 
 STRICT_SUITE = """
-async def test_unguarded_path_lost(reference_manager, emitguard_guard):
-    emitguard_guard(reference_manager, on_unready="buffer")
-    await reference_manager.send_to_thread("t-9", {"type": "agent_started"})
+async def test_unguarded_path_lost(emitguard_manager, emitguard_guard):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    await emitguard_manager.send_to_thread("t-9", {"type": "agent_started"})
 """
 
 
@@ -160,9 +160,9 @@ def test_marker_alone_turns_the_check_on(pytester: pytest.Pytester) -> None:
         pytester,
         """
 @pytest.mark.emitguard
-async def test_marked(reference_manager, emitguard_guard):
-    emitguard_guard(reference_manager, on_unready="buffer")
-    await reference_manager.send_to_thread("t-1", {"type": "x"})
+async def test_marked(emitguard_manager, emitguard_guard):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    await emitguard_manager.send_to_thread("t-1", {"type": "x"})
 """,
     )
     result.assert_outcomes(passed=1, errors=1)
@@ -213,11 +213,11 @@ import pytest
 
 
 @pytest.mark.anyio
-async def test_with_anyio(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager)
-    reference_manager.connect("u1")
-    await start_agent(reference_manager, "u1", "t-1", lag=0.005)
-    emissions.assert_delivered(*EVENTS, thread="t-1")
+async def test_with_anyio(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager)
+    emitguard_manager.connect("u1")
+    await start_agent(emitguard_manager, "u1", "t-1", lag=0.005)
+    emitguard_emissions.assert_delivered(*EVENTS, thread="t-1")
 
 
 @pytest.fixture
@@ -225,11 +225,11 @@ def anyio_backend():
     return "asyncio"
 
 
-def test_loop_driven_by_hand(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager)
-    reference_manager.connect("u1")
-    asyncio.run(start_agent(reference_manager, "u1", "t-1", lag=0.005))
-    emissions.assert_delivered(*EVENTS, thread="t-1")
+def test_loop_driven_by_hand(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager)
+    emitguard_manager.connect("u1")
+    asyncio.run(start_agent(emitguard_manager, "u1", "t-1", lag=0.005))
+    emitguard_emissions.assert_delivered(*EVENTS, thread="t-1")
 """
     )
     result = pytester.runpytest(*plugins)
@@ -241,14 +241,14 @@ def test_assertion_messages(pytester: pytest.Pytester) -> None:
         pytester,
         """
 @pytest.mark.emitguard(allow=("buffered",))
-async def test_messages(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager, on_unready="buffer")
-    await reference_manager.send_to_thread("t-1", {"type": "a"})
+async def test_messages(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    await emitguard_manager.send_to_thread("t-1", {"type": "a"})
     with pytest.raises(AssertionError, match="not delivered to thread t-1: a; delivered: nothing"):
-        emissions.assert_delivered("a", thread="t-1")
-    emissions.assert_no_failures()
+        emitguard_emissions.assert_delivered("a", thread="t-1")
+    emitguard_emissions.assert_no_failures()
     with pytest.raises(ValueError, match="unknown outcome 'nope'"):
-        emissions.by_outcome("nope")
+        emitguard_emissions.by_outcome("nope")
 """,
     )
     result.assert_outcomes(passed=1)
@@ -264,12 +264,12 @@ import time
 
 
 @pytest.mark.emitguard(allow=("buffered", "expired"))
-async def test_a(reference_manager, emitguard_guard, emissions):
-    emitguard_guard(reference_manager, on_unready="buffer", ttl=0.05)
-    await reference_manager.send_to_thread("t-A", {"type": "agent_started"})
+async def test_a(emitguard_manager, emitguard_guard, emitguard_emissions):
+    emitguard_guard(emitguard_manager, on_unready="buffer", ttl=0.05)
+    await emitguard_manager.send_to_thread("t-A", {"type": "agent_started"})
 
 
-def test_b(emissions):
+def test_b(emitguard_emissions):
     time.sleep(0.1)
 """,
     )
@@ -281,10 +281,106 @@ def test_marker_strict_false_opts_out_of_strict_mode(pytester: pytest.Pytester) 
         test_suite=RACE
         + """
 @pytest.mark.emitguard(strict=False)
-async def test_opted_out(reference_manager, emitguard_guard):
-    emitguard_guard(reference_manager, on_unready="buffer")
-    await reference_manager.send_to_thread("t-2", {"type": "x"})
+async def test_opted_out(emitguard_manager, emitguard_guard):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    await emitguard_manager.send_to_thread("t-2", {"type": "x"})
 """
     )
     result = pytester.runpytest(*ASYNCIO, "-o", "asyncio_mode=auto", "--emitguard-strict")
     result.assert_outcomes(passed=1)
+
+
+# ------------------------------------------------------------------ opt-in only
+
+UNRELATED_SUITE = """
+import pytest
+
+
+@pytest.fixture
+def emissions():
+    return ["the project's own"]
+
+
+@pytest.fixture
+def reference_manager():
+    return "the project's own"
+
+
+def test_own_fixtures(emissions, reference_manager):
+    assert emissions == ["the project's own"]
+    assert reference_manager == "the project's own"
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_plain(n):
+    assert n
+"""
+
+
+def test_a_project_that_did_not_opt_in_gets_no_emitguard_fixture(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_unrelated=UNRELATED_SUITE)
+    result = pytester.runpytest("-p", "no:asyncio", "--setup-show")
+    result.assert_outcomes(passed=3)
+    setup_lines = [line for line in result.outlines if "SETUP" in line]
+    assert setup_lines, result.outlines
+    assert not [line for line in setup_lines if "emitguard" in line]
+
+
+def test_strict_mode_checks_tests_that_have_their_own_emissions_fixture(
+    pytester: pytest.Pytester,
+) -> None:
+    """Found in issue 15: a project fixture named ``emissions`` used to switch strict mode off
+    for its tests; the prefixed names cannot collide with it."""
+    pytester.makepyfile(
+        test_suite=RACE
+        + UNRELATED_SUITE
+        + """
+
+async def test_lost_with_own_fixture(emissions, emitguard_manager, emitguard_guard):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    await emitguard_manager.send_to_thread("t-1", {"type": "agent_started"})
+"""
+    )
+    result = pytester.runpytest(*ASYNCIO, "-o", "asyncio_mode=auto", "--emitguard-strict")
+    result.assert_outcomes(passed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        ["*ERROR at teardown of test_lost_with_own_fixture*", "*seq 1 agent_started: BUFFERED*"]
+    )
+
+
+def test_strict_mode_sees_what_other_fixtures_emit(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+@pytest.fixture
+async def greeted(emitguard_manager, emitguard_guard):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    await emitguard_manager.send_to_thread("t-1", {"type": "hello"})  # never associated
+    return emitguard_manager
+
+
+def test_uses_it(greeted):
+    pass
+""",
+        "--emitguard-strict",
+        "--setup-show",
+    )
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*SETUP    F emitguard_emissions*", "*seq 1 hello: BUFFERED*"])
+
+
+def test_the_marker_on_one_parameter_checks_that_one_only(pytester: pytest.Pytester) -> None:
+    result = run(
+        pytester,
+        """
+@pytest.mark.parametrize(
+    "thread", ["t-plain", pytest.param("t-marked", marks=pytest.mark.emitguard)]
+)
+async def test_lost(emitguard_manager, emitguard_guard, thread):
+    emitguard_guard(emitguard_manager, on_unready="buffer")
+    await emitguard_manager.send_to_thread(thread, {"type": "agent_started"})
+""",
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_lost[[]t-marked[]]*"])
+    assert "thread t-plain" not in result.stdout.str()

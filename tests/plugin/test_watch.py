@@ -56,8 +56,49 @@ def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
 
 # ----------------------------------------------------------------------------- log watch
 
+LEGACY_PATTERNS = "[pytest]\nemitguard_fail_on_log =\n    Cannot deliver message for thread\n"
+
+UNRELATED = """
+import logging
+
+log = logging.getLogger("billing")
+
+
+def test_invoice():
+    log.error("EMISSION FAILED for invoice 42")
+    log.warning("Cannot deliver message for thread t-1 - no connections")
+"""
+
+
+def test_an_unrelated_project_logging_the_phrases_passes(pytester: pytest.Pytester) -> None:
+    """emitguard is installed in the same environment, but this project never opted in."""
+    result = run(pytester, UNRELATED)
+    result.assert_outcomes(passed=1)
+    assert "emitguard_fail_on_log" not in result.stdout.str()
+
+
+def test_a_project_that_opts_in_fails_on_the_phrases(pytester: pytest.Pytester) -> None:
+    pytester.makepyprojecttoml(
+        """
+        [tool.pytest.ini_options]
+        emitguard_fail_on_log = ["EMISSION FAILED", "Cannot deliver message for thread"]
+        """
+    )
+    result = run(pytester, UNRELATED)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "emitguard: 2 log records match emitguard_fail_on_log",
+            "- ERROR billing: EMISSION FAILED for invoice 42",
+            "- WARNING billing: Cannot deliver message for thread t-1 - no connections",
+            "",
+            "set emitguard_fail_on_log to an empty value to turn this off",
+        ]
+    )
+
 
 def test_legacy_warning_fails_the_test(pytester: pytest.Pytester) -> None:
+    pytester.makeini(LEGACY_PATTERNS)
     result = run(
         pytester,
         """
