@@ -12,25 +12,38 @@ websocket connection it
   connection carries them.
 
 :class:`ThreadHub` is a small connection manager for new apps, built on a guard: it replays
-what a reconnecting client missed and stamps every message with its ``seq``.
+what a reconnecting client missed and stamps every message with its ``seq``. Each of its
+websockets has its own bounded queue and writer (:mod:`emitguard_adapters._writer`), so no
+client can hold a thread's line or stall another client.
 """
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 import logging
+import re
+import reprlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from emitguard import Guard, transport
-from emitguard.guard import Replay
+from emitguard_adapters._access import (
+    THREAD_ID,
+    authorized,
+    close_reason,
+    resync_message,
+    seconds,
+)
+from emitguard_adapters._writer import STALLED, SocketWriter, TextCache
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
 __all__ = [
     "CONNECTION",
+    "STALLED",
+    "THREAD_ID",
     "EmitGuardMiddleware",
     "ThreadHub",
     "allow_any",
@@ -135,7 +148,9 @@ async def replay_to(websocket: WebSocket, guard: Guard, thread_id: str, last_seq
     """Send a reconnecting client, in order, what it missed of the thread since ``last_seq``
     (from the guard's replay window), or a ``resync`` message when the window no longer holds
     it; True when it got everything. Call it inside ``guard.hold(thread_id)`` and associate
-    the connection before leaving, so that no event slips between replay and live."""
+    the connection before leaving, so that no event slips between replay and live (for a
+    legacy manager, whose own sends write under the thread's line too; :class:`ThreadHub`
+    replays through each connection's writer instead)."""
     replay = guard.replay(thread_id, after=last_seq)
     if not replay.complete:
         await websocket.send_json(resync_message(thread_id, last_seq, replay))
@@ -143,49 +158,6 @@ async def replay_to(websocket: WebSocket, guard: Guard, thread_id: str, last_seq
     for _, message in replay.messages:
         await websocket.send_json(message)
     return True
-
-
-def resync_message(thread_id: str, last_seq: int, replay: Replay) -> dict[str, Any]:
-    """What a client that missed more than the replay window holds is told (every transport
-    sends the same): it must reload the thread's state."""
-    return {
-        "type": "resync",
-        "thread_id": thread_id,
-        "last_seq": last_seq,
-        "latest_seq": replay.latest,
-        "recovered": False,
-    }
-
-
-async def authorized(authorize: Callable[[Any, str], Any], subject: Any, thread_id: str) -> bool:
-    """Ask ``authorize(subject, thread_id)`` (sync or async): only ``True`` allows; an
-    exception refuses, and is logged."""
-    try:
-        verdict = authorize(subject, thread_id)
-        if inspect.isawaitable(verdict):
-            verdict = await verdict
-    except Exception:
-        log.exception("emitguard: authorize raised for thread %r; refused", thread_id)
-        return False
-    return verdict is True
-
-
-def _bad_request(thread_id: object, last_seq: object) -> str | None:
-    if not isinstance(thread_id, str) or not thread_id:
-        return f"thread_id must be a non-empty string, got {thread_id!r}"
-    if last_seq is not None and (
-        isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0
-    ):
-        return f"last_seq must be an int >= 0 or null, got {last_seq!r}"
-    return None
-
-
-def _close_reason(text: str) -> str:
-    """A close reason within the WebSocket limit of 123 bytes of UTF-8 (cut with "...")."""
-    if len(text.encode("utf-8")) <= 123:
-        return text
-    cut = text.encode("utf-8")[:120].decode("utf-8", errors="ignore")
-    return cut + "..."
 
 
 Authorize = Callable[["WebSocket", str], "bool | Awaitable[bool]"]
@@ -196,6 +168,10 @@ def allow_any(websocket: WebSocket, thread_id: str) -> bool:
     return True
 
 
+def _encode(message: Any) -> str:
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+
+
 class ThreadHub:
     """A connection manager for new apps: threads, their websockets, replay on reconnect.
 
@@ -203,6 +179,14 @@ class ThreadHub:
     messages per thread); pass ``guard=`` to use one of yours, built with ``stamp_seq`` and
     ``history``. ``authorize(websocket, thread_id)`` (sync or async) decides who may read a
     thread; there is no default that allows everything (:func:`allow_any` is one, on purpose).
+    A sync ``authorize`` runs in a worker thread; either kind has ``authorize_timeout``
+    seconds to answer.
+
+    Each attached websocket reads each of its threads through a queue of ``queue_size``
+    deliveries and a writer task of its own (:mod:`emitguard_adapters._writer`): a send puts
+    the message on every reader's queue and returns. A reader that falls ``queue_size``
+    behind, or whose write takes over ``send_timeout`` seconds, is closed with code 1013;
+    its client reconnects with its last seq and loses nothing.
     """
 
     def __init__(
@@ -211,10 +195,16 @@ class ThreadHub:
         authorize: Authorize,
         guard: Guard | None = None,
         history: int = 1000,
+        queue_size: int = 1000,
+        send_timeout: float = 10.0,
+        authorize_timeout: float = 5.0,
+        thread_pattern: str = THREAD_ID,
         **guard_options: Any,
     ) -> None:
         if not callable(authorize):
             raise TypeError(f"authorize must be callable, got {authorize!r}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
         if guard is None:
             guard = Guard(stamp_seq="seq", history=history, name="ThreadHub", **guard_options)
         elif guard_options:
@@ -222,79 +212,108 @@ class ThreadHub:
         if guard.options.stamp_seq is None or not guard.options.history:
             raise ValueError("ThreadHub needs a guard built with stamp_seq= and history=")
         self.guard = guard
+        self.queue_size = queue_size
+        self.send_timeout = seconds("send_timeout", send_timeout)
+        self.authorize_timeout = seconds("authorize_timeout", authorize_timeout)
         self._authorize = authorize
-        self._sockets: dict[str, list[WebSocket]] = {}
-        self._threads_of: dict[int, set[str]] = {}
+        self._valid_thread = re.compile(thread_pattern)
+        self._texts = TextCache(_encode)
+        self._writers: dict[int, SocketWriter] = {}
+        self._readers: dict[str, list[SocketWriter]] = {}
 
-    async def attach(
-        self, websocket: WebSocket, thread_id: str, last_seq: int | None = None
-    ) -> bool:
+    async def attach(self, websocket: WebSocket, thread_id: Any, last_seq: Any = None) -> bool:
         """Attach an accepted websocket to a thread; False (and the socket closed with 1008
-        and a reason) when ``authorize`` refuses or the thread id or ``last_seq`` is bad.
+        and a reason) when ``authorize`` refuses or the thread id or ``last_seq`` is bad, and
+        False when the client has already left.
 
         With ``last_seq``, the client first receives, in order, what it missed since then, or
-        a ``resync`` message when the window no longer holds it.
+        a ``resync`` message when the window no longer holds it; then the thread's live
+        messages. Nothing is written here: the socket's writer does it.
         """
-        bad = _bad_request(thread_id, last_seq)
+        bad = self._bad_request(thread_id, last_seq)
         if bad is not None:  # what a client sent: refuse it, do not raise into the endpoint
-            await websocket.close(code=1008, reason=_close_reason(bad))
-            return False
-        if not await authorized(self._authorize, websocket, thread_id):
-            reason = _close_reason(f"not allowed to read thread {thread_id}")
-            await websocket.close(code=1008, reason=reason)
-            return False
-        async with self.guard.hold(thread_id):
-            if last_seq is not None:
-                await replay_to(websocket, self.guard, thread_id, last_seq)
-            sockets = self._sockets.setdefault(thread_id, [])
-            if not any(known is websocket for known in sockets):  # attaching twice is one
-                sockets.append(websocket)
-            self._threads_of.setdefault(id(websocket), set()).add(thread_id)
-            self.guard.mark_connected(thread_id, owner=self._owner(websocket))
+            return await _refuse(websocket, bad)
+        allowed = await authorized(self._authorize, websocket, thread_id, self.authorize_timeout)
+        if not allowed:
+            return await _refuse(websocket, f"not allowed to read thread {thread_id}")
+        writer = self._writers.get(id(websocket))
+        if writer is None:
+            writer = self._writers[id(websocket)] = SocketWriter(
+                websocket, self._texts, self.send_timeout
+            )
+        if writer.reason is not None or not _open(websocket):
+            return False  # stopped by the hub, or the client left
+        if writer.reading(thread_id):
+            return True  # attaching twice is one
+        async with self.guard.hold(thread_id):  # no delivery between the replay and live
+            backlog = self._backlog(thread_id, last_seq)
+            subscription = self.guard.subscribe(thread_id, maxsize=self.queue_size)
+        writer.add(thread_id, subscription, backlog)
+        readers = self._readers.setdefault(thread_id, [])
+        if writer not in readers:
+            readers.append(writer)
         return True
 
     async def detach(self, websocket: WebSocket) -> list[str]:
         """Forget a websocket; returns the threads that have no connection left."""
+        writer = self._writers.pop(id(websocket), None)
+        if writer is None:
+            return []
         left: list[str] = []
-        for thread_id in sorted(self._threads_of.pop(id(websocket), set())):
-            sockets = self._sockets.get(thread_id, [])
-            sockets[:] = [known for known in sockets if known is not websocket]
-            if not sockets:
-                self._sockets.pop(thread_id, None)
+        for thread_id in await writer.detach("websocket detached"):
+            readers = self._readers.get(thread_id, [])
+            readers[:] = [known for known in readers if known is not writer]
+            if not self.connections(thread_id):
+                self._readers.pop(thread_id, None)
                 left.append(thread_id)
-        self.guard.disconnect_owner(self._owner(websocket), "websocket detached")
         return left
 
     async def send(self, thread_id: str, message: dict[str, Any]) -> bool:
         """Emit ``message`` (a dict; it gets its ``seq``) to every websocket of the thread,
-        through the guard: held while the thread has no connection, replayable afterwards."""
+        through the guard: put on each reader's queue, held while the thread has no reader,
+        replayable afterwards. It never waits for a network write."""
         if not isinstance(message, dict):
             raise TypeError(f"ThreadHub messages are dicts, got {type(message).__name__}")
-
-        async def deliver(stamped: dict[str, Any]) -> bool:
-            return await self._deliver(thread_id, stamped)
-
-        return await self.guard.send(thread_id, message, deliver)
+        return await self.guard.send(thread_id, message, self._serialise)
 
     def connections(self, thread_id: str) -> int:
-        """How many websockets are attached to the thread."""
-        return len(self._sockets.get(thread_id, ()))
+        """How many websockets read the thread (a stopped reader no longer counts)."""
+        return sum(1 for writer in self._readers.get(thread_id, ()) if writer.reading(thread_id))
 
-    async def _deliver(self, thread_id: str, message: dict[str, Any]) -> bool:
-        # Serialised once, outside the per-socket loop: a message that does not serialise
-        # raises here (the guard records it FAILED and goes on), and no socket is blamed.
-        text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
-        delivered = 0
-        for websocket in list(self._sockets.get(thread_id, ())):
-            try:
-                await websocket.send_text(text)
-            except Exception as exc:  # that socket is gone; the others may still take it
-                log.debug("emitguard hub: send to %r failed: %r", websocket, exc)
-                await self.detach(websocket)
-            else:
-                delivered += 1
-        return delivered > 0
+    async def _serialise(self, message: dict[str, Any]) -> bool:
+        # The guard hands the stamped message to every reader's queue (a subscription) after
+        # this returns. Serialised once, here: a message that does not serialise raises (the
+        # guard records it FAILED and goes on), and no reader is blamed for it.
+        self._texts.text(message)
+        return False  # no socket written here: the readers' queues count as the delivery
 
-    @staticmethod
-    def _owner(websocket: WebSocket) -> object:
-        return websocket.scope.get(CONNECTION, websocket)
+    def _backlog(self, thread_id: str, last_seq: int | None) -> list[Any]:
+        if last_seq is None:
+            return []
+        replay = self.guard.replay(thread_id, after=last_seq)
+        if not replay.complete:
+            return [resync_message(thread_id, last_seq, replay)]
+        return [message for _, message in replay.messages]
+
+    def _bad_request(self, thread_id: object, last_seq: object) -> str | None:
+        if not isinstance(thread_id, str) or not thread_id:
+            return f"thread_id must be a non-empty string, got {reprlib.repr(thread_id)}"
+        if not self._valid_thread.fullmatch(thread_id):
+            return "thread_id is not a valid thread id"
+        if last_seq is not None and (
+            isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0
+        ):
+            return f"last_seq must be an int >= 0 or null, got {reprlib.repr(last_seq)}"
+        return None
+
+
+def _open(websocket: WebSocket) -> bool:
+    return websocket.client_state.name == websocket.application_state.name == "CONNECTED"
+
+
+async def _refuse(websocket: WebSocket, why: str) -> bool:
+    """Close the websocket with 1008 and ``why``; False (also when the client already left)."""
+    if websocket.application_state.name == "CONNECTED":
+        with contextlib.suppress(Exception):  # gone meanwhile: nobody to tell
+            await websocket.close(code=1008, reason=close_reason(why))
+    return False
