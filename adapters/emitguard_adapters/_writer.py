@@ -107,6 +107,7 @@ class SocketWriter:
         self._subscriptions: dict[str, Subscription] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._lock = asyncio.Lock()  # one write at a time on the socket, whichever thread
+        self._writing_since: float | None = None
 
     def __repr__(self) -> str:
         state = f"stopped: {self.reason}" if self.reason else f"{len(self._tasks)} threads"
@@ -124,10 +125,20 @@ class SocketWriter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def stop(self, reason: str) -> None:
+    def stop(self, reason: str, level: int = logging.DEBUG) -> None:
         """Close every subscription of the socket (the threads stop counting it)."""
         if self.reason is None:
             self.reason = reason
+            since = self._writing_since
+            waited = 0.0 if since is None else asyncio.get_running_loop().time() - since
+            log.log(
+                level,
+                "emitguard hub: %r stopped, its write under way for %.3fs: %s",
+                self.websocket,
+                waited,
+                reason,
+                extra={"emitguard_waited": waited},
+            )
         for subscription in self._subscriptions.values():
             subscription.close(reason)
 
@@ -154,7 +165,7 @@ class SocketWriter:
             log.debug("emitguard hub: write to %r failed: %r", self.websocket, exc)
             self.stop(f"write failed: {type(exc).__name__}")
             return
-        self.stop(subscription.reason or "closed")
+        self.stop(subscription.reason or "closed", logging.INFO)  # fell behind, or ended
         await self._close()
 
     async def _write(self, message: Any) -> None:
@@ -162,11 +173,18 @@ class SocketWriter:
         async with self._lock:
             if self.reason is not None:
                 return
-            with deadline(self.timeout, self._late):
-                await self.websocket.send_text(text)
+            self._writing_since = asyncio.get_running_loop().time()
+            try:
+                with deadline(self.timeout, self._late):
+                    await self.websocket.send_text(text)
+            finally:
+                self._writing_since = None
+        # Let the loop run between frames: a connection lost meanwhile is noticed before the
+        # next write, and a long replay does not keep the other connections waiting.
+        await asyncio.sleep(0)
 
     def _late(self) -> None:
-        self.stop(f"a write did not complete within {self.timeout:g}s")
+        self.stop(f"a write did not complete within {self.timeout:g}s", logging.INFO)
 
     async def _close(self) -> None:
         """End the connection with :data:`STALLED` (once; after any write still under way)."""
@@ -175,6 +193,6 @@ class SocketWriter:
             if websocket.application_state.name != "CONNECTED":
                 return
             reason = close_reason(self.reason or "closed")
-            log.info("emitguard hub: closing %r with %d: %s", websocket, STALLED, reason)
+            log.debug("emitguard hub: closing %r with %d: %s", websocket, STALLED, reason)
             with contextlib.suppress(Exception):  # the client may be gone meanwhile
                 await websocket.close(code=STALLED, reason=reason)
