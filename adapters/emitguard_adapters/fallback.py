@@ -119,6 +119,13 @@ def emitguard_routes(
             subscription.close("server shutting down")
 
         def late() -> None:  # the stream ends after that write: see _writer
+            if not subscription.closed:
+                log.info(
+                    "emitguard sse: a write to a stream of thread %r took over %gs; closed",
+                    thread_id,
+                    send_timeout,
+                    extra={"emitguard_waited": send_timeout},
+                )
             subscription.close(f"a write did not complete within {send_timeout:g}s")
 
         async def stream() -> AsyncIterator[ServerSentEvent]:
