@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # a missing path would make ruff fail with E902.
 LINT_PATHS := $(wildcard src adapters plugin tests benchmarks)
 
-.PHONY: venv test demo lint bench clean distclean
+.PHONY: venv test chaos demo lint bench clean distclean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 test: venv
 	$(BIN)/python -m pytest --cov --cov-report=term-missing
 
+# The chaos-and-abuse suite, ten times CI's size (EMITGUARD_CHAOS_SCALE multiplies its counts).
+chaos: venv
+	EMITGUARD_CHAOS_SCALE=10 $(BIN)/python -m pytest -p no:cacheprovider -s tests/adapters/test_chaos_hub.py tests/adapters/test_chaos_sse.py
+
 demo: venv
 	$(BIN)/emitguard demo
 
@@ -36,6 +40,7 @@ lint: venv
 bench: venv
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/sockets.py
+	$(BIN)/python benchmarks/stall.py
 
 # Build artefacts and tool caches; keeps .venv (use distclean for that).
 clean:

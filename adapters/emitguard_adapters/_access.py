@@ -35,7 +35,7 @@ CLOSE_REASON_BYTES = 123
 
 
 async def authorized(
-    authorize: Callable[[Any, str], Any], subject: Any, thread_id: str, within: float
+    authorize: Callable[[Any, str], Any], subject: Any, thread_id: str, within: float = 5.0
 ) -> bool:
     """Ask ``authorize(subject, thread_id)``: only ``True`` allows. A coroutine function runs
     on the loop; anything else runs in a worker thread (and may still return an awaitable,

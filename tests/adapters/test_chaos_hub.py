@@ -53,6 +53,7 @@ def resumed(first: Got, again: Got, events: int) -> list[int]:
     return kept
 
 
+@pytest.mark.slow
 async def test_fifty_clients_five_stop_reading_the_others_get_everything_in_order() -> None:
     """The must-show: 50 clients of one thread, 5 of which stop reading, 2,000 events of
     10 KB. The 45 readers get all of them in order, the agent's sends never wait for a

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from chaos_support import Got, LogCapture, agent, docs_app, hello, percentile, read
+from chaos_support import Got, LogCapture, agent, docs_app, hello, percentile, read, scaled
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -225,7 +225,7 @@ async def test_a_churn_of_sse_streams_leaves_no_reader_behind() -> None:
                     await asyncio.sleep(0.002)
 
             running = asyncio.create_task(emit())
-            for start in range(0, 120, 20):
+            for start in range(0, scaled(120), 20):
                 await asyncio.gather(*(churn(i) for i in range(start, start + 20)))
             await running
             await eventually(lambda: readers(guard, "t1") == 0)
