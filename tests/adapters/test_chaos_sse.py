@@ -32,14 +32,18 @@ async def no_socket(message: Any) -> bool:
 
 async def read_sse(response: httpx.Response, last: int, got: Got | None = None) -> Got:
     """Read events until seq ``last`` arrived or the stream ended (``got.close`` is then
-    ``(0, "ended")``)."""
+    ``(0, "ended")``). Only ``data:`` lines matter; they are split out of the raw bytes."""
     got = got or Got()
+    rest = b""
     try:
-        async for line in response.aiter_lines():
-            if line.startswith("data:"):
-                got.take(line[5:])
-                if got.seqs[-1] >= last:
-                    return got
+        async for chunk in response.aiter_bytes():
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                if line.startswith(b"data:"):
+                    got.take(line[5:])
+                    if got.seqs[-1] >= last:
+                        return got
     except httpx.HTTPError as error:  # cut off rather than ended
         got.close = (1, repr(error))
         return got
