@@ -76,6 +76,8 @@ class ThreadHub:
             raise TypeError(f"authorize must be callable, got {authorize!r}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an int >= 1, got {queue_size!r}")
+        self.send_timeout = seconds("send_timeout", send_timeout)
+        self.authorize_timeout = seconds("authorize_timeout", authorize_timeout)
         if guard is None:
             guard = Guard(stamp_seq="seq", history=history, name="ThreadHub", **guard_options)
         elif guard_options:
@@ -84,8 +86,6 @@ class ThreadHub:
             raise ValueError("ThreadHub needs a guard built with stamp_seq= and history=")
         self.guard = guard
         self.queue_size = queue_size
-        self.send_timeout = seconds("send_timeout", send_timeout)
-        self.authorize_timeout = seconds("authorize_timeout", authorize_timeout)
         self._authorize = authorize
         self._valid_thread = re.compile(thread_pattern)
         self._texts = TextCache(_encode)
