@@ -15,7 +15,7 @@ DEMO_STAMP := $(DEMO_VENV)/.installed
 # a missing path would make ruff fail with E902.
 LINT_PATHS := $(wildcard src adapters plugin tests benchmarks)
 
-.PHONY: venv demo-venv test demo lint bench dist clean distclean
+.PHONY: venv demo-venv test chaos demo lint bench dist clean distclean
 
 venv: $(STAMP)
 
@@ -44,6 +44,10 @@ test: venv
 	$(BIN)/python -m coverage run -m pytest
 	$(BIN)/python -m coverage report
 
+# The chaos-and-abuse suite, ten times CI's size (EMITGUARD_CHAOS_SCALE multiplies its counts).
+chaos: venv
+	EMITGUARD_CHAOS_SCALE=10 $(BIN)/python -m pytest -p no:cacheprovider -s tests/adapters/test_chaos_hub.py tests/adapters/test_chaos_sse.py
+
 demo: demo-venv
 	$(DEMO_BIN)/emitguard demo
 
@@ -59,6 +63,7 @@ bench: venv
 	$(BIN)/python benchmarks/run.py
 	$(BIN)/python benchmarks/sockets.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/stall.py
 
 # Build artefacts and tool caches; keeps .venv (use distclean for that).
 clean:

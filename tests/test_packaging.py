@@ -101,6 +101,9 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/manager.py": (),
     "adapters/emitguard_adapters/starlette.py": ("starlette",),
     "adapters/emitguard_adapters/fallback.py": ("starlette",),
+    "adapters/emitguard_adapters/hub.py": ("starlette",),
+    "adapters/emitguard_adapters/_access.py": ("starlette",),
+    "adapters/emitguard_adapters/_writer.py": ("starlette",),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
     "adapters/emitguard_adapters/testing.py": ("demo",),
     # docs/starlette.md: the extra, and uvicorn from `demo` to run the example app

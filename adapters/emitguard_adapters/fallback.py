@@ -36,14 +36,12 @@ from starlette.routing import Route
 
 from emitguard import Guard
 from emitguard.records import event_type_of
-from emitguard_adapters.starlette import authorized, resync_message
+from emitguard_adapters._access import THREAD_ID, authorized, resync_message, seconds
+from emitguard_adapters._writer import SendDeadline, TextCache
 
 __all__ = ["THREAD_ID", "emitguard_routes"]
 
 log = logging.getLogger("emitguard")
-
-THREAD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
-"""What a valid thread id looks like by default (``thread_pattern``)."""
 
 Authorize = Callable[[Request, str], "bool | Awaitable[bool]"]
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -66,11 +64,15 @@ def emitguard_routes(
     max_page_limit: int = 1000,
     thread_pattern: str = THREAD_ID,
     queue_size: int = 1000,
+    send_timeout: float = 10.0,
+    authorize_timeout: float = 5.0,
 ) -> list[Route]:
     """The SSE and polling routes (see the module docstring). ``ping``: seconds between
     keep-alive comments; ``retry_ms``: the reconnection delay the stream asks browsers for;
-    ``queue_size``: deliveries a slow stream may lag behind before it is closed (the client
-    then reconnects and resumes)."""
+    ``queue_size``: deliveries a slow stream may lag behind, and ``send_timeout``: seconds one
+    write to it may take, before it is closed (the client then reconnects and resumes);
+    ``authorize_timeout``: seconds ``authorize`` has to answer (a sync one runs in a worker
+    thread)."""
     if not isinstance(guard, Guard):
         raise TypeError(f"guard must be an emitguard.Guard, got {guard!r}")
     if not callable(authorize):
@@ -81,6 +83,9 @@ def emitguard_routes(
         raise ValueError("emitguard_routes needs a guard with a replay window: history=N")
     if not 1 <= page_limit <= max_page_limit:
         raise ValueError(f"page_limit must be from 1 to max_page_limit, got {page_limit!r}")
+    send_timeout = seconds("send_timeout", send_timeout)
+    authorize_timeout = seconds("authorize_timeout", authorize_timeout)
+    texts = TextCache(_encode)
     valid_thread = re.compile(thread_pattern)
     base = prefix.rstrip("/")
 
@@ -88,11 +93,11 @@ def emitguard_routes(
         thread_id = str(request.path_params["thread_id"])
         if not valid_thread.fullmatch(thread_id):
             raise _Refused(400, "not a valid thread id")
-        if not await authorized(authorize, request, thread_id):
+        if not await authorized(authorize, request, thread_id, authorize_timeout):
             raise _Refused(403, "not allowed to read this thread")
         return thread_id
 
-    async def events(request: Request) -> Response:
+    async def events(request: Request) -> Response | SendDeadline:
         try:
             thread_id = await checked(request)
             if request.method == "HEAD":  # no body: do not open a subscription for nobody
@@ -113,6 +118,16 @@ def emitguard_routes(
             await shutdown.wait()
             subscription.close("server shutting down")
 
+        def late() -> None:  # the stream ends after that write: see _writer
+            if not subscription.closed:
+                log.info(
+                    "emitguard sse: a write to a stream of thread %r took over %gs; closed",
+                    thread_id,
+                    send_timeout,
+                    extra={"emitguard_waited": send_timeout},
+                )
+            subscription.close(f"a write did not complete within {send_timeout:g}s")
+
         async def stream() -> AsyncIterator[ServerSentEvent]:
             watcher = asyncio.ensure_future(end_on_shutdown())
             try:
@@ -122,14 +137,18 @@ def emitguard_routes(
                     yield ServerSentEvent(json.dumps(notice), event="resync")
                 elif replay is not None:
                     for seq, message in replay.messages:
-                        yield _event(seq, message)
+                        if subscription.closed:
+                            return
+                        yield _event(seq, message, texts)
                 async for seq, message in subscription:
-                    yield _event(seq, message)
+                    if subscription.closed:  # fell behind or a write overran: end, resume
+                        return
+                    yield _event(seq, message, texts)
             finally:
                 watcher.cancel()
                 subscription.close("stream ended")
 
-        return EventSourceResponse(
+        response = EventSourceResponse(
             stream(),
             ping=ping,
             shutdown_event=shutdown,
@@ -137,6 +156,7 @@ def emitguard_routes(
             headers={**_NO_STORE, "X-Accel-Buffering": "no"},
             background=BackgroundTask(subscription.close, "response finished"),
         )
+        return SendDeadline(response, send_timeout, late)
 
     async def messages(request: Request) -> Response:
         try:
@@ -184,8 +204,12 @@ def _kind(message: Any) -> str:
     return event_type_of(message) or "message"
 
 
-def _event(seq: int, message: Any) -> ServerSentEvent:
-    return ServerSentEvent(json.dumps(message, default=str), id=str(seq), event=_kind(message))
+def _encode(message: Any) -> str:
+    return json.dumps(message, default=str)
+
+
+def _event(seq: int, message: Any, texts: TextCache) -> ServerSentEvent:
+    return ServerSentEvent(texts.text(message), id=str(seq), event=_kind(message))
 
 
 def _error(refused: _Refused) -> Response:
