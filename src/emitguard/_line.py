@@ -1,8 +1,8 @@
 """A thread's line: a first-in first-out lock that works across event loops and OS threads.
 
 Whoever holds a thread's line is the only one delivering to, buffering for or flushing that
-thread. Taking a free line is one non-blocking ``Lock.acquire``; nobody ever blocks on the
-lock itself. Those who find it held wait with a :class:`~emitguard._slot.Ticket`: a future of
+thread. Taking a free line is one atomic ``list.pop()`` of its token (:func:`take`); nobody
+ever blocks on it. Those who find it held wait with a :class:`~emitguard._slot.Ticket`: a future of
 their own loop, resolved on that loop when the line is handed to them. A waiter that is gone
 when its turn comes (cancelled, or its loop closed) leaves its ``keep`` work, which runs in
 its place, in order.
@@ -18,7 +18,16 @@ from typing import Any
 from emitguard._loops import call_on
 from emitguard._slot import ThreadSlot, Ticket
 
-__all__ = ["Lines"]
+__all__ = ["Lines", "take"]
+
+
+def take(slot: ThreadSlot) -> bool:
+    """Take the thread's line if it is free (its token, atomically)."""
+    try:
+        slot.line.pop()
+    except IndexError:
+        return False
+    return True
 
 KeepWork = Callable[[ThreadSlot, Ticket], bool]
 """``keep(slot, ticket)`` runs a gone waiter's work while the caller holds the line; True when
@@ -43,12 +52,12 @@ class Lines:
         outside the mutex. ``wait=False`` (synchronous code): the ticket has no future; its
         ``keep`` work runs in its turn, done by whoever hands the line on.
         """
-        if not slot.tickets and slot.lock.acquire(False):
+        if not slot.tickets and take(slot):
             return None, False
         future = asyncio.get_running_loop().create_future() if wait else None
         ticket = Ticket(future, keep)
         slot.tickets.append(ticket)
-        return ticket, slot.lock.acquire(False)
+        return ticket, take(slot)
 
     def release(self, slot: ThreadSlot) -> None:
         """Give up the line: to the next waiter, after the work of any gone ones."""
@@ -56,7 +65,7 @@ class Lines:
             with self.mutex:
                 ticket = self._pop(slot)
                 if ticket is None:
-                    slot.lock.release()
+                    slot.line.append(True)
                     return
                 if ticket.future is not None and self._grant(slot, ticket):
                     return
@@ -65,7 +74,7 @@ class Lines:
 
     def recheck(self, slot: ThreadSlot) -> None:
         """After the line was released without a look at the waiters: serve any that came."""
-        if slot.tickets and slot.lock.acquire(False):
+        if slot.tickets and take(slot):
             self.release(slot)
 
     @staticmethod

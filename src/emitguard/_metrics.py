@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Meter, MeterProvider, Observation
 
 from emitguard.states import Outcome
 
-if TYPE_CHECKING:
-    from emitguard._telemetry import Telemetry
+
+class Member(Protocol):
+    """What the instruments read of each guard's telemetry."""
+
+    guard_name: str
+    counts: dict[tuple[Outcome, str | None], int]
+
+    def outbox_size(self) -> int: ...
 
 _PROXY: tuple[type, ...]
 try:  # the global placeholder until an SDK is installed; no public name exists for it
@@ -60,7 +66,7 @@ class Instruments:
     """The instruments of one meter and the guards they report."""
 
     def __init__(self, meter: Meter) -> None:
-        self.members: weakref.WeakSet[Telemetry] = weakref.WeakSet()
+        self.members: weakref.WeakSet[Member] = weakref.WeakSet()
         self.barrier_wait = meter.create_histogram(
             BARRIER_WAIT,
             unit="s",

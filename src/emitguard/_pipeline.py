@@ -73,22 +73,34 @@ class Pipeline:
         self.tel = telemetry
         self._stamp = options.stamp_seq
         self.fast: dict[Any, ThreadSlot] = table.slots
-        """The threads the plain fast path may serve: all of them, or none while every
-        delivery needs a record, a span or a confirmation, or the guard is closed."""
+        """The threads the plain fast path may serve: all of them, or none while anything
+        observes the sends, a delivery needs more than the call, or the guard is closed."""
         self.plain = True
-        """No record is needed per delivery (nobody listens, no stamp, no window, no
-        subscription)."""
-        self.instrumented = False
-        """Spans, metrics or transport confirmation: sends take the instrumented fast path."""
+        """A delivery needs nothing but the call: no stamp, no replay window, no
+        subscription (the fast paths may serve)."""
+        self.observed = False
+        """A listener, telemetry or transport confirmation: sends take the observed fast path."""
+        self.listening = False
+        """Someone listens to records: the observed fast path makes one per delivery."""
         self.closed = False
         self._warned_closed = False
 
-    def plan(self, *, plain: bool, instrumented: bool, closed: bool) -> None:
+    def plan(self, *, plain: bool, listening: bool, instrumented: bool, closed: bool) -> None:
         """Choose the fast path that fits what is attached to the guard now."""
         self.plain = plain and self._stamp is None
-        self.instrumented = instrumented
+        self.listening = listening
+        self.observed = listening or instrumented
         self.closed = closed
-        self.fast = self._table.slots if self.plain and not instrumented and not closed else {}
+        self.fast = self._table.slots if self.plain and not self.observed and not closed else {}
+
+    def delivered_fast(self, slot: ThreadSlot, seq: int, message: Any, created_at: float) -> None:
+        """A delivery on the observed fast path worked: its record, for the listeners."""
+        recorder = self._recorder
+        recorder.seq_recorded()
+        record = recorder.make(
+            Outcome.DELIVERED, slot.thread_id, seq, message, attempts=1, created_at=created_at
+        )
+        recorder.conclude(record)
 
     # ------------------------------------------------------------------ async
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from emitguard import hooks
 from emitguard._history import ReplayWindow
@@ -20,9 +20,6 @@ from emitguard.outbox import OutboxEntry
 from emitguard.records import Emission, event_type_of
 from emitguard.states import Outcome
 
-if TYPE_CHECKING:
-    from emitguard.engine import Guard
-
 __all__ = ["Recorder", "thread_name"]
 
 log = logging.getLogger("emitguard")
@@ -31,11 +28,14 @@ _DELIVERED = frozenset({Outcome.DELIVERED, Outcome.FLUSHED})
 
 
 class Recorder:
-    """Records of one guard: made, counted, handed to listeners, telemetry and the window."""
+    """Records of one guard: made, counted, handed to listeners, telemetry and the window.
+
+    ``guard`` is the :class:`~emitguard.Guard` the records are of (its ``name``; listeners
+    get it as the hook's ``guard`` argument)."""
 
     def __init__(
         self,
-        guard: Guard,
+        guard: Any,
         telemetry: Telemetry,
         window: ReplayWindow | None,
         *,

@@ -1,9 +1,9 @@
 """The guarded send as a wrapt wrapper, and its fast paths.
 
 A send to a CONNECTED thread with nothing queued, whose line is free and that nobody needs a
-record of, costs a dictionary look-up, a non-blocking lock and a few attribute checks on top of
-the original call (``benchmarks/run.py`` measures it against a pass-through wrapper). It is
-counted from its seq number, not by a record. Any other send, and any failure or cancellation
+record of, costs a dictionary look-up, the atomic pop of the line's token and a few attribute
+checks on top of the original call (``benchmarks/run.py`` measures it against a pass-through
+wrapper). It is counted from its seq number, not by a record. Any other send, and any failure or cancellation
 on a fast path, goes to the :class:`~emitguard._pipeline.Pipeline`'s general code.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 
 from emitguard import transport
 from emitguard._delivery import UNCONFIRMED
+from emitguard._line import take
 from emitguard._pipeline import CONNECTED, Pipeline
 from emitguard._recorder import thread_name
 from emitguard._table import ThreadTable
@@ -63,13 +64,11 @@ class Senders:
                 slot = pipeline.fast.get(thread_id)  # empty unless the plain path may serve
             except TypeError:  # unhashable: rejected by send_call
                 slot = None
-            if (
-                slot is None
-                or slot.state is not CONNECTED
-                or slot.backlog
-                or payload is None
-                or not slot.lock.acquire(False)
-            ):
+            if slot is None or slot.state is not CONNECTED or slot.backlog or payload is None:
+                return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
+            try:
+                slot.line.pop()  # take the thread's line (atomic)
+            except IndexError:  # busy: wait in line on the general path
                 return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
             seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
             try:
@@ -88,7 +87,7 @@ class Senders:
                 call = Call(wrapped, args, kwargs, rebind)
                 return await pipeline.failed_fast(slot, seq, payload, call, *judge(result))
             slot.seq = seq
-            slot.lock.release()
+            slot.line.append(True)  # give the line back, then serve whoever came meanwhile
             if slot.tickets:
                 recheck(slot)
             return True  # counted in stats() from the seq numbers: no counter here
@@ -123,8 +122,8 @@ class Senders:
         ``rebind(args, kwargs, message)`` returns the arguments with another message in them
         (for seq stamping and for deliveries from the outbox)."""
         pipeline = self._pipeline
-        if pipeline.instrumented:
-            return await self._instrumented(thread_id, message, fn, args, kwargs, rebind)
+        if pipeline.observed:
+            return await self._observed(thread_id, message, fn, args, kwargs, rebind)
         return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
 
     def send_sync_call(
@@ -143,7 +142,7 @@ class Senders:
                 return pipeline.send_sync(thread_id, message, call)
         return pipeline.send_sync(thread_id, message, call)
 
-    async def _instrumented(
+    async def _observed(
         self,
         thread_id: Any,
         message: Any,
@@ -152,11 +151,12 @@ class Senders:
         kwargs: dict[str, Any],
         rebind: Rebind,
     ) -> bool:
-        """The fast path while telemetry or transport confirmation is active.
+        """The fast path while a listener, telemetry or transport confirmation is active.
 
-        A send to a CONNECTED thread with nothing queued is delivered here and gets its span
-        when the delivery returns, started at the time of the call and carrying every
-        attribute from the start (no context switch around the call; ``docs/performance.md``).
+        A send to a CONNECTED thread with nothing queued is delivered here; then it gets its
+        record (for listeners) and its span, started at the time of the call and carrying
+        every attribute from the start (no context switch around the call;
+        ``docs/performance.md``).
         Every other send runs the general path under an open span, which learns the outcome
         from the record the send concludes with.
         """
@@ -174,11 +174,11 @@ class Senders:
             or message is MISSING
             or not pipeline.plain
             or pipeline.closed
-            or not slot.lock.acquire(False)
+            or not take(slot)
         ):
             with tel.sending(thread_name(thread_id), message):
                 return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
-        started = time.time_ns() if tel.active else 0
+        started = time.time_ns() if tel.active or pipeline.listening else 0
         seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
         confirm = pipeline.delivery.confirm
         probe = token = None
@@ -218,12 +218,15 @@ class Senders:
             for owner in probe.owners - slot.owners:
                 self._table.own(slot, owner)
         slot.seq = seq
-        slot.lock.release()
+        slot.line.append(True)
         if slot.tickets:
             self._table.lines.recheck(slot)
-        if tel.active:  # (off when only transport confirmation brought the send here)
+        if pipeline.listening:  # the record counts it (and tells telemetry)
+            pipeline.delivered_fast(slot, seq, message, started / 1e9)
+        if tel.active:  # (off when only a listener or confirmation brought the send here)
             event_type = event_type_of(message)
-            tel.delivered(event_type)
+            if not pipeline.listening:
+                tel.delivered(event_type)
             span = tel.start(
                 SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True
             )

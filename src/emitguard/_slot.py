@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import deque
 from typing import Any
 
@@ -37,9 +36,11 @@ class ThreadSlot:
     """Everything the guard keeps for one thread.
 
     The *line* serialises everything that delivers to, buffers for or flushes the thread, so
-    ``seq`` order is delivery order: ``lock`` is held by whoever has the line (taken without
-    blocking; it is never waited on), ``tickets`` are those waiting for it, first come first
-    served. The line's holder is the only writer of ``seq`` and of the thread's outbox.
+    ``seq`` order is delivery order. ``line`` holds one token while the line is free: taking
+    it is one ``list.pop()`` and giving it back one ``append()``, each a single atomic
+    operation (under the GIL, and on free-threaded builds too), cheaper than a lock; nobody
+    ever blocks on it. ``tickets`` are those waiting for the line, first come first served.
+    The line's holder is the only writer of ``seq`` and of the thread's outbox.
     """
 
     __slots__ = (
@@ -49,7 +50,7 @@ class ThreadSlot:
         "flushing",
         "freed",
         "gate",
-        "lock",
+        "line",
         "loop",
         "note",
         "owners",
@@ -75,7 +76,7 @@ class ThreadSlot:
         """The seq the slot started from (a thread met again after it was forgotten)."""
         self.backlog = 0
         """Entries of this thread in the outbox."""
-        self.lock = threading.Lock()
+        self.line: list[bool] = [True]
         self.tickets: deque[Ticket] = deque()
         self.ready: list[tuple[asyncio.Future[bool], bool]] = []
         """Barrier waiters (and whether each holds the line), resolved on association."""

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from emitguard._line import KeepWork, Lines
+from emitguard._line import KeepWork, Lines, take
 from emitguard._slot import ThreadSlot, Ticket
 from emitguard.states import ConnectionState
 
@@ -89,7 +89,7 @@ class ThreadTable:
     def try_take(self, slot: ThreadSlot) -> bool:
         """Take the thread's line if it is free and nobody waits for it."""
         with self.mutex:
-            return not slot.freed and not slot.tickets and slot.lock.acquire(False)
+            return not slot.freed and not slot.tickets and take(slot)
 
     def release(self, slot: ThreadSlot) -> None:
         """Give up the thread's line, and free the slot if nothing is left in it."""
@@ -111,9 +111,9 @@ class ThreadTable:
                 self._free(oldest)
 
     def _free(self, slot: ThreadSlot) -> bool:
-        """Forget a thread that is still idle (its line is taken for good, so anyone holding
-        this slot object looks the thread up again). Under the mutex."""
-        if slot.freed or not slot.idle or slot.tickets or not slot.lock.acquire(False):
+        """Forget a thread that is still idle (its line's token is taken for good, so anyone
+        holding this slot object looks the thread up again). Under the mutex."""
+        if slot.freed or not slot.idle or slot.tickets or not take(slot):
             return False
         slot.freed = True
         if self.slots.get(slot.thread_id) is slot:

@@ -131,7 +131,8 @@ class Guard:
 
     def _plan(self) -> None:
         self._pipeline.plan(
-            plain=not hooks.listening() and self._window is None and not self._subscribed,
+            plain=self._window is None and not self._subscribed,
+            listening=hooks.listening(),
             instrumented=self._tel.active or self._delivery.confirm is not None,
             closed=self.closed,
         )

@@ -18,9 +18,12 @@ import pluggy
 from emitguard import _live
 
 if TYPE_CHECKING:
-    from emitguard.engine import Guard
     from emitguard.records import Emission
     from emitguard.states import ConnectionState
+
+Guard = Any
+"""(The hooks' ``guard`` argument is an :class:`emitguard.Guard`; the engine imports this
+module, so this one names the type without importing it.)"""
 
 __all__ = [
     "ENTRY_POINT_GROUP",
