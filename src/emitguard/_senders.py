@@ -3,8 +3,8 @@
 A send to a CONNECTED thread with nothing queued, whose line is free and that nobody needs a
 record of, costs a dictionary look-up, the atomic pop of the line's token and a few attribute
 checks on top of the original call (``benchmarks/run.py`` measures it against a pass-through
-wrapper). It is counted from its seq number, not by a record. Any other send, and any failure or cancellation
-on a fast path, goes to the :class:`~emitguard._pipeline.Pipeline`'s general code.
+wrapper). It is counted from its seq number, not by a record. Any other send, and any failure
+or cancellation on a fast path, goes to the :class:`~emitguard._pipeline.Pipeline`'s general code.
 """
 
 from __future__ import annotations
