@@ -95,12 +95,7 @@ class Pipeline:
 
     def delivered_fast(self, slot: ThreadSlot, seq: int, message: Any, created_at: float) -> None:
         """A delivery on the observed fast path worked: its record, for the listeners."""
-        recorder = self._recorder
-        recorder.seq_recorded()
-        record = recorder.make(
-            Outcome.DELIVERED, slot.thread_id, seq, message, attempts=1, created_at=created_at
-        )
-        recorder.conclude(record)
+        self._recorder.delivered(slot.thread_id, seq, message, created_at)
 
     # ------------------------------------------------------------------ async
 

@@ -17,7 +17,7 @@ from emitguard._telemetry import Telemetry
 from emitguard.calls import MISSING
 from emitguard.errors import EmissionError
 from emitguard.outbox import OutboxEntry
-from emitguard.records import Emission, event_type_of
+from emitguard.records import Emission, event_type_of, make_emission
 from emitguard.states import Outcome
 
 __all__ = ["Recorder", "thread_name"]
@@ -71,59 +71,89 @@ class Recorder:
     ) -> Emission:
         """A record of an emission that has no outbox entry."""
         now = time.time()
-        return Emission(
-            thread_id=thread_id,
-            seq=seq,
-            event_type=event_type_of(message),
-            outcome=outcome,
-            reason=reason,
-            waited=waited,
-            attempts=attempts,
-            created_at=now if created_at is None else created_at,
-            recorded_at=now,
-            guard_name=self._guard.name,
-            message=None if message is MISSING else message,
+        return make_emission(
+            thread_id,
+            seq,
+            event_type_of(message),
+            outcome,
+            reason,
+            waited,
+            0.0,
+            attempts,
+            now if created_at is None else created_at,
+            now,
+            self._guard.name,
+            None if message is MISSING else message,
         )
 
     def of_entry(self, entry: OutboxEntry, outcome: Outcome, reason: str | None) -> Emission:
         """A record of an emission that has an outbox entry."""
         in_outbox = time.monotonic() - entry.buffered if entry.buffered else 0.0
-        return Emission(
-            thread_id=entry.thread_id,
-            seq=entry.seq,
-            event_type=entry.event_type,
-            outcome=outcome,
-            reason=reason,
-            waited=entry.waited,
-            buffered_for=in_outbox if outcome is not Outcome.BUFFERED else 0.0,
-            attempts=entry.attempts,
-            created_at=entry.created_at,
-            recorded_at=time.time(),
-            guard_name=self._guard.name,
-            message=entry.message,
+        return make_emission(
+            entry.thread_id,
+            entry.seq,
+            entry.event_type,
+            outcome,
+            reason,
+            entry.waited,
+            in_outbox if outcome is not Outcome.BUFFERED else 0.0,
+            entry.attempts,
+            entry.created_at,
+            time.time(),
+            self._guard.name,
+            entry.message,
         )
 
-    def note(self, record: Emission) -> Emission:
-        """Count a record and hand it to the window, telemetry and the listeners."""
+    def note(self, record: Emission, *, sequenced: bool = False) -> Emission:
+        """Count a record and hand it to the window, telemetry and the listeners.
+        ``sequenced``: its seq was not counted yet (see :meth:`seq_recorded`)."""
         with self._lock:
             self.counts[record.outcome] += 1
+            self.recorded_seqs += sequenced
         if self._window is not None and record.outcome in _DELIVERED and record.seq:
             self._window.remember(record.thread_id, record.seq, record.message)
         if self._tel.active:
             self._tel.noted(record)
         if hooks.listening():
-            hooks.call_safely("emitguard_emission", emission=record, guard=self._guard)
+            hooks.emitted(record, self._guard)
         return record
+
+    def delivered(self, thread_id: Any, seq: int, message: Any, created_at: float) -> None:
+        """The record of a delivery on the observed fast path (its seq not counted yet):
+        :meth:`make` and :meth:`conclude` for the one outcome that needs no verdict."""
+        now = time.time()
+        record = make_emission(
+            thread_id,
+            seq,
+            event_type_of(message),
+            Outcome.DELIVERED,
+            None,
+            0.0,
+            0.0,
+            1,
+            created_at,
+            now,
+            self._guard.name,
+            message,
+        )
+        with self._lock:
+            self.counts[Outcome.DELIVERED] += 1
+            self.recorded_seqs += 1
+        if self._window is not None:  # (the fast path does not run with a window: kept
+            self._window.remember(thread_id, seq, message)  # for the contract's sake)
+        if self._tel.active:
+            self._tel.noted(record)
+        hooks.emitted(record, self._guard)
 
     def seq_recorded(self) -> None:
         """One more seq whose emission gets records."""
         with self._lock:
             self.recorded_seqs += 1
 
-    def conclude(self, record: Emission) -> bool:
+    def conclude(self, record: Emission, *, sequenced: bool = False) -> bool:
         """Note the caller's own record; True for a good outcome, else False (or raise in
         strict mode)."""
-        self.note(record)
+        self.note(record, sequenced=sequenced)
         if self._tel.active:
             self._tel.concluded(record)
         if record.outcome.ok:

@@ -17,7 +17,6 @@ from typing import Any
 
 from emitguard import transport
 from emitguard._delivery import UNCONFIRMED
-from emitguard._line import take
 from emitguard._pipeline import CONNECTED, Pipeline
 from emitguard._recorder import thread_name
 from emitguard._table import ThreadTable
@@ -35,6 +34,7 @@ class Senders:
     def __init__(self, pipeline: Pipeline, table: ThreadTable) -> None:
         self._pipeline = pipeline
         self._table = table
+        self._slots = table.slots
 
     def sender(self, thread: Arg, message: Arg) -> WraptWrapper:
         """A wrapt wrapper guarding an async send whose arguments sit at ``thread`` and
@@ -163,7 +163,7 @@ class Senders:
         pipeline = self._pipeline
         tel = pipeline.tel
         try:
-            slot = self._table.get(thread_id)
+            slot = self._slots.get(thread_id)
         except TypeError:
             slot = None
         if (
@@ -174,8 +174,13 @@ class Senders:
             or message is MISSING
             or not pipeline.plain
             or pipeline.closed
-            or not take(slot)
+            or not slot.line
         ):
+            with tel.sending(thread_name(thread_id), message):
+                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+        try:
+            slot.line.pop()  # take the thread's line (atomic)
+        except IndexError:  # taken since we looked: wait in line on the general path
             with tel.sending(thread_name(thread_id), message):
                 return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
         started = time.time_ns() if tel.active or pipeline.listening else 0

@@ -80,10 +80,18 @@ class _Dispatch:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(HookSpecs)
         self.listening = False
+        self.listeners: list[tuple[Any, tuple[str, ...]]] | None = []
         self.loaded = False
 
     def refresh(self) -> None:
-        self.listening = bool(self.pm.hook.emitguard_emission.get_hookimpls())
+        impls = self.pm.hook.emitguard_emission.get_hookimpls()
+        self.listening = bool(impls)
+        # The emission hook runs for every observed send: call plain listeners directly, in
+        # pluggy's order (last registered first), unless one is a wrapper (then pluggy does).
+        if any(impl.hookwrapper or impl.wrapper for impl in impls):
+            self.listeners = None
+        else:
+            self.listeners = [(impl.function, tuple(impl.argnames)) for impl in reversed(impls)]
         for guard in _live.guards():
             guard.refresh()
 
@@ -157,6 +165,25 @@ def unregister(plugin: object | None = None, name: str | None = None) -> object 
     removed = _dispatch.pm.unregister(plugin, name=name)
     _dispatch.refresh()
     return removed
+
+
+def emitted(emission: Emission, guard: Guard) -> None:
+    """Call ``emitguard_emission`` listeners; a failing one is logged, never raised."""
+    listeners = _dispatch.listeners
+    if listeners is None:
+        call_safely("emitguard_emission", emission=emission, guard=guard)
+        return
+    for function, argnames in listeners:
+        try:
+            if argnames == ("emission",):
+                function(emission)
+            else:
+                given = {"emission": emission, "guard": guard}
+                function(*(given[name] for name in argnames))
+        except Exception:
+            log.exception(
+                "emitguard listener failed in emitguard_emission; the emission is unaffected"
+            )
 
 
 def call_safely(hook_name: str, **kwargs: Any) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 from emitguard.states import Outcome
 
-__all__ = ["Emission", "event_type_of"]
+__all__ = ["Emission", "event_type_of", "make_emission"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -52,6 +53,53 @@ class Emission:
         kind = self.event_type or "message"
         text = f"thread {self.thread_id} seq {self.seq} {kind}: {self.outcome.name}"
         return f"{text} ({self.reason})" if self.reason else text
+
+
+def _maker() -> Callable[..., Emission]:
+    """A constructor of :class:`Emission` that sets each slot directly instead of through the
+    frozen dataclass's ``object.__setattr__`` (half the cost: the guard makes one record per
+    observed send)."""
+    fields = [field.name for field in dataclasses.fields(Emission)]
+    (s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11) = (
+        getattr(Emission, name).__set__ for name in fields
+    )
+    new = object.__new__
+
+    def make(
+        thread_id: Any,
+        seq: int,
+        event_type: str | None,
+        outcome: Outcome,
+        reason: str | None,
+        waited: float,
+        buffered_for: float,
+        attempts: int,
+        created_at: float,
+        recorded_at: float,
+        guard_name: str,
+        message: Any,
+    ) -> Emission:
+        record: Emission = new(Emission)
+        s0(record, thread_id)
+        s1(record, seq)
+        s2(record, event_type)
+        s3(record, outcome)
+        s4(record, reason)
+        s5(record, waited)
+        s6(record, buffered_for)
+        s7(record, attempts)
+        s8(record, created_at)
+        s9(record, recorded_at)
+        s10(record, guard_name)
+        s11(record, message)
+        return record
+
+    return make
+
+
+make_emission = _maker()
+"""``make_emission(thread_id, seq, event_type, outcome, reason, waited, buffered_for,
+attempts, created_at, recorded_at, guard_name, message)``: every field, in order."""
 
 
 def event_type_of(message: Any) -> str | None:
