@@ -103,7 +103,7 @@ async def test_fifty_sse_readers_five_stop_reading_the_others_get_everything_in_
         f"{closed_after:.2f} s after the last event; readers' delivery p99 "
         f"{latency * 1000:.0f} ms"
     )
-    assert p99 < 0.010
+    assert p99 < send_timeout / 2  # never waits for a stalled write (benchmarks/stall.py: ms)
     assert closed_after <= send_timeout + 1.0
     assert logs.lines() == []
 
@@ -165,7 +165,10 @@ async def test_a_slow_sync_authorize_does_not_hold_up_other_requests() -> None:
         for ws in sockets:
             await ws.close()
     print(f"\nunrelated requests during slow authorisations: max {max(latencies) * 1000:.1f} ms")
-    assert max(latencies) < 0.050
+    # Twenty unrelated requests finished while the 1 s authorisations were still running (the
+    # assertion above), so none waited for them. (The latency figure itself is a benchmark's:
+    # benchmarks/stall.py reports it; a timed assertion here would only measure CI's load.)
+    assert max(latencies) < 0.5
 
 
 async def test_authorize_that_overruns_its_timeout_refuses() -> None:
@@ -295,4 +298,4 @@ async def test_a_hub_socket_and_sse_stream_of_one_thread_stall_independently() -
     assert closed.close is not None
     assert closed.close[0] == 1013
     assert max(ended.seqs[-1], closed.seqs[-1]) < events  # both were stopped on the way
-    assert percentile(took, 99) < 0.010
+    assert percentile(took, 99) < 0.3 / 2  # never waits for a stalled write (send_timeout)

@@ -9,7 +9,6 @@ import dataclasses
 import gc
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -372,9 +371,8 @@ async def test_association_that_raises_propagates_and_marks_error(
 
     assert caught.value is boom
     assert guard.state("t1") is ConnectionState.ERROR
-    started = time.monotonic()
     assert await manager.send_to_thread("t1", {"type": "a"}) is True
-    assert time.monotonic() - started < 1.0
+    assert recorded.emissions[0].waited == 0  # buffered at once: no barrier wait in ERROR
     reason = recorded.emissions[0].reason or ""
     assert "in error" in reason
     assert "association raised RuntimeError: registry unavailable" in reason
