@@ -7,11 +7,13 @@
 2. barrier release latency (association -> the waiting send delivered) against a bare
    ``asyncio.Event`` wake (target: p99 <= 10x the bare wake, far below a 10 ms sleep);
 3. guarded send cost with 10 and with 100,000 threads known to the guard (target: ratio < 1.2);
-4. guarded send cost with one emission listener registered vs none (no target);
+4. guarded send cost with one emission listener registered vs none (target: ratio <= 6);
 5. OpenTelemetry: (a) a guarded send with no SDK configured vs one with ``tracing=False``
    (target: ratio <= 1.2); (b) with an SDK ``TracerProvider`` (batch processor, discarding
    exporter), a guarded send with its span vs a bare send under a hand-written
-   ``start_as_current_span`` (target: ratio <= 1.3).
+   ``start_as_current_span`` (target: ratio <= 1.3);
+6. overflow: a buffered send's cost with 50,000 threads buffered, below ``max_total`` vs at it
+   (every send evicts the oldest; target: ratio <= 2.0).
 
 Every figure is a ratio of two measurements interleaved in the same process; absolute times are
 printed for context only.
@@ -363,6 +365,45 @@ async def bench_telemetry_sdk(n: int, rounds: int) -> dict[str, Any]:
     }
 
 
+async def bench_eviction(threads: int, n: int, rounds: int) -> dict[str, Any]:
+    """Buffered sends to new threads while ``threads`` threads each hold one buffered event:
+    with room to spare vs at ``max_total``, where every send evicts the oldest event."""
+
+    async def never(message: Any) -> bool:  # never called: nothing is associated
+        return True
+
+    message = {"type": "tool_executing"}
+    below = emitguard.Guard(on_unready="buffer", ttl=None, max_total=10 * threads)
+    at_cap = emitguard.Guard(on_unready="buffer", ttl=None, max_total=threads)
+    for guard in (below, at_cap):
+        for i in range(threads):
+            await guard.send(f"full-{i}", message, never)
+    counter = iter(range(10**9))
+
+    async def send_below(_thread: str, payload: Any) -> Any:
+        return await below.send(f"new-{next(counter)}", payload, never)
+
+    async def send_at_cap(_thread: str, payload: Any) -> Any:
+        return await at_cap.send(f"new-{next(counter)}", payload, never)
+
+    times = await _interleaved(
+        {"below the cap": (send_below, ["t"]), "at max_total (evicts)": (send_at_cap, ["t"])},
+        n,
+        rounds,
+    )
+    stats = at_cap.stats()
+    assert stats.pending_total == threads  # bounded: every send evicted one
+    assert stats.outcomes[emitguard.Outcome.DROPPED] > 0
+    await below.aclose()
+    await at_cap.aclose()
+    return {
+        "threads_buffered": threads,
+        "seconds_per_send": times,
+        "ratio": times["at max_total (evicts)"] / times["below the cap"],
+        "target": "ratio <= 2.0",
+    }
+
+
 def _us(seconds: float) -> str:
     return f"{seconds * 1e6:8.3f} us"
 
@@ -396,10 +437,10 @@ def report(results: dict[str, Any]) -> str:
     lines.append(f"   ratio, sends spread over the known threads = {scale['ratio_spread']:.2f}")
     listener = results["listener"]
     lines.append("")
-    lines.append("4. guarded send cost with an emission listener registered (no target)")
+    lines.append("4. guarded send cost with an emission listener registered (a record per send)")
     for name, value in listener["seconds_per_send"].items():
         lines.append(f"   {name:<14} {_us(value)} per send")
-    lines.append(f"   one listener / no listener = {listener['ratio']:.1f}x")
+    lines.append(f"   one listener / no listener = {listener['ratio']:.1f}x   (target <= 6x)")
     off, sdk = results["telemetry_off"], results["telemetry_sdk"]
     lines.append("")
     lines.append("5. OpenTelemetry, CONNECTED thread")
@@ -421,6 +462,14 @@ def report(results: dict[str, Any]) -> str:
         f"   guarded, tracing + metrics / bare + start_as_current_span"
         f" = {sdk['ratio_with_metrics']:.2f}x"
     )
+    eviction = results["eviction"]
+    lines.append("")
+    lines.append(
+        f"6. overflow: buffered send cost with {eviction['threads_buffered']:,} threads buffered"
+    )
+    for name, value in eviction["seconds_per_send"].items():
+        lines.append(f"   {name:<24} {_us(value)} per send")
+    lines.append(f"   at the cap / below it = {eviction['ratio']:.2f}x   (target <= 2.0x)")
     return "\n".join(lines)
 
 
@@ -431,6 +480,8 @@ def targets_met(results: dict[str, Any]) -> bool:
         and results["scale"]["ratio"] < 1.2
         and results["telemetry_off"]["ratio"] <= 1.2
         and results["telemetry_sdk"]["ratio"] <= 1.3
+        and results["listener"]["ratio"] <= 6.0
+        and results["eviction"]["ratio"] <= 2.0
     )
 
 
@@ -444,6 +495,7 @@ async def run(quick: bool) -> dict[str, Any]:
         "listener": await bench_listener(n // 4, rounds),
         "telemetry_off": await bench_telemetry_off(n, rounds),
         "telemetry_sdk": await bench_telemetry_sdk(n // 4, rounds),
+        "eviction": await bench_eviction(50_000, n // 10, rounds),
     }
 
 
