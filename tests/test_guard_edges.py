@@ -102,8 +102,10 @@ async def test_settling_an_entry_the_backend_no_longer_holds_is_logged(
     guard = Guard(outbox=ForgetfulRemove(), on_unready="buffer")
     await guard.send("t", "a", sink.for_thread("t"))
     guard.mark_connected("t")
-    await guard.drain(0.2)
+    assert await guard.drain(0.2) == 0
     assert "no longer holds t seq 1" in caplog.text
+    assert sink.received["t"] == ["a"]  # delivered once: the failed remove() does not loop
+    assert guard.stats().outcomes[Outcome.FLUSHED] == 1
 
 
 async def test_pending_lists_every_thread_oldest_first(sink: Sink) -> None:
