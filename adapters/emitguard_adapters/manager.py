@@ -17,6 +17,7 @@ exact original attributes.
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import sys
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from emitguard_adapters._params import other, parameters, resolve
 __all__ = ["ADAPTER_OPTIONS", "ManagerAdapter", "emitguard_adapt"]
 
 log = logging.getLogger("emitguard.adapters.manager")
+_numbers = itertools.count(1)
 
 
 ADAPTER_OPTIONS: dict[str, Any] = {
@@ -134,9 +136,9 @@ class ManagerAdapter:
             return _Alias(existing)
         if isinstance(target, str):
             return cls._for_path(target, options, guard_options)
-        if "name" not in guard_options:
+        if "name" not in guard_options:  # unique: "ReferenceManager-3"
             kind = target if isinstance(target, type) else type(target)
-            guard_options["name"] = kind.__qualname__
+            guard_options["name"] = f"{kind.__qualname__}-{next(_numbers)}"
         adapter = cls(target, options, Guard(**guard_options))
         adapter.patch(target)
         return adapter
@@ -164,7 +166,7 @@ class ManagerAdapter:
             raise AdapterError(
                 f"a dotted-path target looks like 'package.module:ClassName', got {path!r}"
             )
-        guard_options.setdefault("name", qualname)
+        guard_options.setdefault("name", f"{qualname}-{next(_numbers)}")
         adapter = cls(path, options, Guard(**guard_options))
         if module_name in sys.modules:
             adapter.patch(_resolve(sys.modules[module_name], qualname, path))
