@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, TextIO
+from typing import Any, Protocol, TextIO
 
 from emitguard.states import Outcome
 
-if TYPE_CHECKING:
-    from emitguard.demo import DemoReport
+
+class DemoReport(Protocol):
+    """What the output reads of :class:`emitguard.demo.DemoReport` (named here without
+    importing it: the demo imports this module)."""
+
+    @property
+    def unguarded(self) -> Any: ...
+
+    @property
+    def guarded(self) -> Any: ...
 
 __all__ = ["ProgressBar", "render_table", "table_rows", "verdict"]
 
