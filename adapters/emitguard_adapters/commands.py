@@ -31,6 +31,15 @@ def emitguard_add_commands(commands: Any) -> None:
         ),
     )
     add_demo_arguments(demo, DemoConfig(runs=200, lag=0.05, drop_rate=0.2))
+    demo.add_argument(
+        "--setup",
+        choices=("guard", "middleware", "resume"),
+        default="resume",
+        help=(
+            "what the guarded app adds: the guard line only, plus EmitGuardMiddleware, or plus "
+            "replaying what a reconnecting client missed (default: %(default)s)"
+        ),
+    )
     demo.set_defaults(run=_run_demo)
 
 
@@ -49,5 +58,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 2
     config = DemoConfig(runs=args.runs, seed=args.seed, lag=args.lag, drop_rate=args.drop_rate)
     progress = ProgressBar(sys.stderr, enabled=not args.no_progress and sys.stderr.isatty())
-    report = run_socket_demo(config, progress=progress, show_legacy_logs=args.legacy_logs)
+    report = run_socket_demo(
+        config, progress=progress, show_legacy_logs=args.legacy_logs, setup=args.setup
+    )
     return print_report(report, args.json)

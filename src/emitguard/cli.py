@@ -17,10 +17,19 @@ import argparse
 import json
 import math
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 
 from emitguard import __version__, hooks
-from emitguard.demo import DemoConfig, DemoReport, ProgressBar, render_table, run_demo, verdict
+from emitguard.demo import (
+    DemoConfig,
+    DemoReport,
+    ProgressBar,
+    notes,
+    render_table,
+    run_demo,
+    verdict,
+)
 
 __all__ = ["add_demo_arguments", "build_parser", "main", "print_report"]
 
@@ -117,6 +126,9 @@ def print_report(report: DemoReport, as_json: bool) -> int:
         print(json.dumps(report.to_dict(), indent=2, sort_keys=True))
     else:
         print(render_table(report))
+        print()
+        for note in notes(report):
+            print(textwrap.fill(note, width=100))
         print()
         print(verdict(report))
     return 0 if report.ok else 1
