@@ -295,3 +295,37 @@ def test_progress_bar_draws_one_line_per_phase() -> None:
 
 def _with(result: ScenarioResult, **changes: Any) -> ScenarioResult:
     return dataclasses.replace(result, **changes)
+
+
+def test_terminal_outcomes_add_up_to_the_events_emitted_and_buffered_is_a_path(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = cli.main(["simulate", "--runs", "40", "--drop-rate", "0.25", "--no-progress"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+
+    def value(label: str) -> int:
+        row = next(line for line in lines if line.startswith(label))
+        return int(row.split()[-1])
+
+    terminal = [line for line in lines if line.startswith("guard outcome: ")]
+    assert [line.split()[2] for line in terminal] == [
+        "delivered", "flushed", "dropped", "expired", "failed", "rejected"
+    ]  # fmt: skip
+    assert not any("buffered" in line for line in terminal)
+    total = sum(int(line.split()[-1]) for line in terminal) + value("still buffered")
+    assert total == value("  total (= events emitted)") == value("events emitted") == 200
+    assert value("path: waited in the buffer") == value("guard outcome: flushed") > 0
+    assert value("path: held at the barrier") == 40
+    assert any(line.startswith("Outcomes: one terminal outcome per event") for line in lines)
+    assert any("virtual clock" in line for line in lines)
+    assert not any(line.startswith("latency covers") for line in lines)  # no sockets here
+
+
+def test_json_names_the_setup_the_clock_and_what_varies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, result = demo_json(capsys, "--runs", "5")
+    assert result["setup"] == "guard"
+    assert result["clock"] == "virtual"
+    assert any("vary" in note for note in result["notes"])

@@ -31,11 +31,20 @@ def emitguard_add_commands(commands: Any) -> None:
         ),
     )
     add_demo_arguments(demo, DemoConfig(runs=200, lag=0.05, drop_rate=0.2))
+    demo.add_argument(
+        "--setup",
+        choices=("guard", "middleware", "resume"),
+        default="resume",
+        help=(
+            "what the guarded app adds: the guard line only, plus EmitGuardMiddleware, or plus "
+            "replaying what a reconnecting client missed (default: %(default)s)"
+        ),
+    )
     demo.set_defaults(run=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from emitguard.cli import print_report
+    from emitguard.cli import print_report, recording, write_html
     from emitguard.demo import DemoConfig, ProgressBar
 
     try:
@@ -49,5 +58,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 2
     config = DemoConfig(runs=args.runs, seed=args.seed, lag=args.lag, drop_rate=args.drop_rate)
     progress = ProgressBar(sys.stderr, enabled=not args.no_progress and sys.stderr.isatty())
-    report = run_socket_demo(config, progress=progress, show_legacy_logs=args.legacy_logs)
+    with recording(args.html) as recorder:
+        report = run_socket_demo(
+            config, progress=progress, show_legacy_logs=args.legacy_logs, setup=args.setup
+        )
+    write_html(args.html, report, recorder)
     return print_report(report, args.json)

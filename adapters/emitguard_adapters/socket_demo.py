@@ -10,8 +10,16 @@ guarded with two lines: ``emitguard.guard(manager, stamp_seq="seq", history=...)
 ``EmitGuardMiddleware``; the guarded endpoint also replays what a reconnecting client missed
 (:func:`~emitguard_adapters.starlette.replay_to`).
 
-Unlike ``emitguard simulate`` this runs on the real clock, so which event beats which
-association varies a little between two runs with the same seed.
+``setup`` (:data:`SETUPS`) says what the guarded app adds: the guard line alone (``guard``),
+plus ``EmitGuardMiddleware`` (``middleware``), or plus the resume step above (``resume``, the
+default).
+
+Unlike ``emitguard simulate`` this runs on the real clock and real sockets. The seeded plans
+(lags, gaps, which runs drop, when and for how long) are the same from run to run; which event
+beats which association, and what a killed connection swallowed, depend on the network and the
+loop's load, so the unguarded counts vary between two runs of one seed (README.md gives
+measured ranges), as do the guard's delivered/flushed split, latency, events per second,
+barrier waits and wall time.
 """
 
 from __future__ import annotations
@@ -47,10 +55,16 @@ from emitguard.demo import (
 from emitguard_adapters.starlette import EmitGuardMiddleware, replay_to
 from emitguard_adapters.testing import LegacyWebSocketManager, serve
 
-__all__ = ["DEFAULTS", "run_socket_demo"]
+__all__ = ["DEFAULTS", "SETUPS", "run_socket_demo"]
 
 DEFAULTS = DemoConfig(runs=200, lag=0.05, drop_rate=0.2)
 """The command's defaults: 200 concurrent clients, a fifth of them dropping once."""
+
+SETUPS: tuple[str, ...] = ("guard", "middleware", "resume")
+"""What the guarded scenario adds to the legacy app: ``guard`` only the
+``emitguard.guard(manager, ...)`` line; ``middleware`` also ``EmitGuardMiddleware``;
+``resume`` also replays what a reconnecting client missed (``guard.hold`` +
+:func:`~emitguard_adapters.starlette.replay_to` with the client's last ``seq``)."""
 
 LEGACY_LOGGER = "emitguard.testing.legacy"
 IDLE = 1.0
@@ -65,15 +79,19 @@ class _Server:
         manager: LegacyWebSocketManager,
         plans: dict[str, RunPlan],
         guard: emitguard.Guard | None,
+        setup: str = "resume",
     ) -> None:
         self.manager = manager
         self.plans = plans
         self.guard = guard
+        self.setup = setup
         self.agents: set[asyncio.Task[None]] = set()
 
     def app(self) -> Any:
         app = Starlette(routes=[WebSocketRoute("/ws", self.endpoint)])
-        return app if self.guard is None else EmitGuardMiddleware(app, guard=self.guard)
+        if self.guard is None or self.setup == "guard":
+            return app
+        return EmitGuardMiddleware(app, guard=self.guard)
 
     async def endpoint(self, websocket: WebSocket) -> None:
         await websocket.accept()
@@ -98,7 +116,7 @@ class _Server:
     async def _reassociate(self, websocket: WebSocket, plan: RunPlan, last_seq: Any) -> None:
         drop = plan.drop
         wait = drop.reassociate_after if drop is not None else 0.0
-        if self.guard is None:
+        if self.guard is None or self.setup != "resume":
             await asyncio.sleep(wait)
             self.manager.update_connection_thread(plan.user_id, plan.thread_id)
             return
@@ -174,7 +192,7 @@ class _Client:
 
 
 async def _scenario(
-    name: str, config: DemoConfig, plans: list[RunPlan], progress: Progress | None
+    name: str, config: DemoConfig, plans: list[RunPlan], progress: Progress | None, setup: str
 ) -> ScenarioResult:
     manager = LegacyWebSocketManager()
     guard = None
@@ -185,7 +203,7 @@ async def _scenario(
     listener = BarrierWaits(guard) if guard is not None else None
     if listener is not None:
         emitguard.register(listener)
-    server = _Server(manager, {plan.thread_id: plan for plan in plans}, guard)
+    server = _Server(manager, {plan.thread_id: plan for plan in plans}, guard, setup)
     clients = [_Client(plan) for plan in plans]
     key = "seq" if guard is not None else "n"
     done = 0
@@ -252,15 +270,19 @@ def _result(
     )
 
 
-async def _both(config: DemoConfig, progress: Progress | None, show_logs: bool) -> DemoReport:
+async def _both(
+    config: DemoConfig, progress: Progress | None, show_logs: bool, setup: str
+) -> DemoReport:
     plans = plan_runs(config)
     legacy = logging.getLogger(LEGACY_LOGGER)
     results: dict[str, ScenarioResult] = {}
     for name in ("unguarded", "guarded"):
         with counting_legacy_warnings(legacy, show_logs) as counter:
-            result = await _scenario(name, config, plans, progress)
+            result = await _scenario(name, config, plans, progress, setup)
         results[name] = dataclasses.replace(result, legacy_warnings=counter.cannot_deliver)
-    return DemoReport(config, results["unguarded"], results["guarded"])
+    return DemoReport(
+        config, results["unguarded"], results["guarded"], setup=setup, clock="network"
+    )
 
 
 def run_socket_demo(
@@ -268,6 +290,10 @@ def run_socket_demo(
     *,
     progress: Progress | None = None,
     show_legacy_logs: bool = False,
+    setup: str = "resume",
 ) -> DemoReport:
-    """Run both scenarios, one after the other, over real loopback sockets."""
-    return asyncio.run(_both(config, progress, show_legacy_logs))
+    """Run both scenarios, one after the other, over real loopback sockets; ``setup`` says
+    what the guarded scenario adds to the app (one of :data:`SETUPS`)."""
+    if setup not in SETUPS:
+        raise ValueError(f"setup must be one of {', '.join(SETUPS)}, got {setup!r}")
+    return asyncio.run(_both(config, progress, show_legacy_logs, setup))

@@ -9,9 +9,11 @@ Registered with pytest by :mod:`pytest_emitguard.plugin`, which also declares it
   the watch is off until a project's configuration lists patterns, so a project that merely has
   emitguard installed never fails on its log lines.
 * Report (``--emitguard-report=PATH``): every emission record of the session, per test id, as
-  JSON, plus an "emitguard" terminal summary section.  The section is printed only when the
-  option is given and at least one record was collected.  Under pytest-xdist, workers send
-  their records to the controller, which alone writes the file.
+  JSON, or as a self-contained HTML page of timelines when PATH ends in ``.html`` (per test,
+  per thread, each emission's steps and reasons, failing tests first), plus an "emitguard"
+  terminal summary section.  The section is printed only when the option is given and at
+  least one record was collected.  Under pytest-xdist, workers send their records to the
+  controller, which alone writes the file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 import emitguard
+from emitguard.report_html import Section, record_of, render_html
 
 if TYPE_CHECKING:
     from emitguard import Emission
@@ -175,16 +178,7 @@ class _Listener:
 
 
 def _record(emission: Emission) -> dict[str, Any]:
-    return {
-        "thread_id": emission.thread_id,
-        "seq": emission.seq,
-        "event_type": emission.event_type,
-        "outcome": emission.outcome.name,
-        "reason": emission.reason,
-        "waited": emission.waited,
-        "buffered_for": emission.buffered_for,
-        "attempts": emission.attempts,
-    }
+    return record_of(emission)
 
 
 class EmissionReport:
@@ -195,6 +189,8 @@ class EmissionReport:
         self.path = path
         self.tests: dict[str, list[dict[str, Any]]] = {}
         self.current = NO_TEST
+        self.status: dict[str, tuple[str, str]] = {}
+        """Per test id: ``(outcome, first line of the failure)`` from its reports."""
         self.worker = hasattr(config, "workerinput")
         self._lock = threading.Lock()
         self._listener = _Listener(self)
@@ -218,6 +214,25 @@ class EmissionReport:
     def as_json(self) -> dict[str, Any]:
         return {"tests": self.tests, "totals": self.totals()}
 
+    @property
+    def html(self) -> bool:
+        """Write HTML (the path ends in ``.html`` or ``.htm``) rather than JSON."""
+        return self.path.suffix.lower() in (".html", ".htm")
+
+    def as_html(self) -> str:
+        sections = [
+            Section(
+                nodeid,
+                self.status.get(nodeid, ("unknown", ""))[0],
+                self.tests.get(nodeid, []),
+                self.status.get(nodeid, ("", ""))[1],
+            )
+            for nodeid in sorted({*self.tests, *self.status} - {NO_TEST})
+        ]
+        if self.tests.get(NO_TEST):
+            sections.append(Section("(outside any test)", "other", self.tests[NO_TEST]))
+        return render_html(sections, title="emitguard: emission timelines per test")
+
     # pytest hooks
 
     def pytest_sessionstart(self) -> None:
@@ -231,6 +246,16 @@ class EmissionReport:
         finally:
             self.current = NO_TEST
 
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        outcome, detail = self.status.get(report.nodeid, ("passed", ""))
+        if report.failed and outcome != "failed":
+            lines = report.longreprtext.strip().splitlines()
+            error = next((line for line in lines if line.startswith("E ")), "")
+            outcome, detail = "failed", f"{report.when}: {error[1:].strip() or report.outcome}"
+        elif report.skipped and outcome == "passed":
+            outcome = "skipped"
+        self.status[report.nodeid] = (outcome, detail)
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self) -> None:
         emitguard.unregister(self._listener)
@@ -238,7 +263,10 @@ class EmissionReport:
             self.config.workeroutput["emitguard"] = self.tests  # type: ignore[attr-defined]
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.as_json(), indent=2) + "\n", encoding="utf-8")
+        if self.html:
+            self.path.write_text(self.as_html(), encoding="utf-8")
+        else:
+            self.path.write_text(json.dumps(self.as_json(), indent=2) + "\n", encoding="utf-8")
 
     def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
         if self.worker or not self.tests:

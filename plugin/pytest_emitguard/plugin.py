@@ -55,7 +55,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="emitguard_report",
         metavar="PATH",
         default=None,
-        help="write every emission record of the session, per test, as JSON to PATH",
+        help="write every emission record of the session, per test, to PATH: JSON, or an HTML "
+        "page of per-thread timelines when PATH ends in .html",
     )
     parser.addini(
         "emitguard_fail_on_log",

@@ -14,15 +14,37 @@ bad arguments).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
-from collections.abc import Callable, Sequence
+import textwrap
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 from emitguard import __version__, hooks
-from emitguard.demo import DemoConfig, DemoReport, ProgressBar, render_table, run_demo, verdict
+from emitguard.demo import (
+    DemoConfig,
+    DemoReport,
+    ProgressBar,
+    notes,
+    render_table,
+    run_demo,
+    verdict,
+)
+from emitguard.hooks import hookimpl
+from emitguard.records import Emission
+from emitguard.report_html import Section, record_of, render_html
 
-__all__ = ["add_demo_arguments", "build_parser", "main", "print_report"]
+__all__ = [
+    "add_demo_arguments",
+    "build_parser",
+    "main",
+    "print_report",
+    "recording",
+    "write_html",
+]
 
 
 def _positive_int(text: str) -> int:
@@ -103,6 +125,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser, defaults: DemoConfig) ->
         help="share of runs whose connection drops mid-run and reconnects (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--html",
+        metavar="PATH",
+        default=None,
+        help="also write the guarded run's emission timelines, per thread, as an HTML page",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument(
         "--legacy-logs",
@@ -118,8 +146,47 @@ def print_report(report: DemoReport, as_json: bool) -> int:
     else:
         print(render_table(report))
         print()
+        for note in notes(report):
+            print(textwrap.fill(note, width=100))
+        print()
         print(verdict(report))
     return 0 if report.ok else 1
+
+
+class _Recorder:
+    """An emitguard listener keeping every emission's plain record."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+
+    @hookimpl
+    def emitguard_emission(self, emission: Emission) -> None:
+        self.records.append(record_of(emission))
+
+
+@contextlib.contextmanager
+def recording(path: str | None) -> Iterator[_Recorder | None]:
+    """Record every emission meanwhile when ``path`` is given (for :func:`write_html`)."""
+    if path is None:
+        yield None
+        return
+    recorder = _Recorder()
+    hooks.register(recorder)
+    try:
+        yield recorder
+    finally:
+        hooks.unregister(recorder)
+
+
+def write_html(path: str | None, report: DemoReport, recorder: _Recorder | None) -> None:
+    """Write the guarded run's timelines (what ``recorder`` saw) to ``path``."""
+    if path is None or recorder is None:
+        return
+    name = f"guarded run ({report.config.runs} runs, seed {report.config.seed}, "
+    name += f"setup {report.setup}, {report.clock} clock)"
+    section = Section(name, "passed" if report.ok else "failed", recorder.records, verdict(report))
+    page = render_html([section], title="emitguard demo: emission timelines per thread")
+    Path(path).write_text(page, encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,5 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     config = DemoConfig(runs=args.runs, seed=args.seed, lag=args.lag, drop_rate=args.drop_rate)
     progress = ProgressBar(sys.stderr, enabled=not args.no_progress and sys.stderr.isatty())
-    report = run_demo(config, progress=progress, show_legacy_logs=args.legacy_logs)
+    with recording(args.html) as recorder:
+        report = run_demo(config, progress=progress, show_legacy_logs=args.legacy_logs)
+    write_html(args.html, report, recorder)
     return print_report(report, args.json)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import emitguard
-from emitguard._demo_output import ProgressBar, render_table, table_rows, verdict
+from emitguard._demo_output import ProgressBar, notes, render_table, table_rows, verdict
 from emitguard._virtual_loop import VirtualClockLoop, close_loop, resync
 from emitguard.records import Emission
 from emitguard.states import Outcome
@@ -55,6 +55,7 @@ __all__ = [
     "Tally",
     "VirtualClockLoop",
     "counting_legacy_warnings",
+    "notes",
     "percentile",
     "plan_runs",
     "render_table",
@@ -328,6 +329,10 @@ class DemoReport:
     config: DemoConfig
     unguarded: ScenarioResult
     guarded: ScenarioResult
+    setup: str = "guard"
+    """What the guarded scenario adds to the bare app (``guard``, ``middleware``, ``resume``)."""
+    clock: Literal["virtual", "network"] = "virtual"
+    """``virtual``: ``emitguard simulate``; ``network``: ``emitguard demo`` over sockets."""
 
     @property
     def ok(self) -> bool:
@@ -340,8 +345,11 @@ class DemoReport:
             "config": dataclasses.asdict(self.config),
             "unguarded": dataclasses.asdict(self.unguarded),
             "guarded": dataclasses.asdict(self.guarded),
+            "setup": self.setup,
+            "clock": self.clock,
             "ok": self.ok,
             "verdict": verdict(self),
+            "notes": notes(self),
         }
 
 

@@ -49,6 +49,43 @@ def test_the_table_shows_latency_and_rate(capsys: pytest.CaptureFixture[str]) ->
     assert lines[-1].startswith("PASS: unguarded lost")
 
 
+def test_latency_rows_say_what_they_cover_and_the_notes_what_varies(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, report = demo_json(capsys, "--runs", "20", "--seed", "3")
+    assert code == 0
+    bare, safe = report["unguarded"], report["guarded"]
+    assert report["clock"] == "network"
+    assert report["setup"] == "resume"
+    notes = " ".join(report["notes"])
+    assert f"unguarded {bare['delivered']} of {bare['emitted']}" in notes
+    assert "vary" in notes
+    outcomes = safe["outcomes"]
+    terminal = sum(count for name, count in outcomes.items() if name != "buffered")
+    assert terminal + safe["still_buffered"] == safe["emitted"]
+
+    assert cli.main(["demo", "--runs", "20", "--seed", "3", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    covers = next(line for line in lines if line.startswith("latency covers")).split()
+    assert covers[-2].endswith("/100")  # the unguarded run's arrivals (they vary run to run)
+    assert covers[-1] == "100/100"
+
+
+@pytest.mark.parametrize("setup", ["guard", "middleware"])
+def test_the_other_setups_run_and_say_which_they_are(
+    setup: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, report = demo_json(capsys, "--runs", "20", "--drop-rate", "0", "--setup", setup)
+    assert report["setup"] == setup
+    assert code == 0  # without drops every setup delivers everything
+    assert report["guarded"]["lost"] == 0
+
+
+def test_an_unknown_setup_is_refused() -> None:
+    with pytest.raises(ValueError, match="setup must be one of"):
+        socket_demo.run_socket_demo(DemoConfig(runs=1), setup="everything")
+
+
 def test_exit_code_1_when_the_guarded_run_repeats_an_event(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
