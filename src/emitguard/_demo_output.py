@@ -18,6 +18,12 @@ class DemoReport(Protocol):
     @property
     def guarded(self) -> Any: ...
 
+    @property
+    def clock(self) -> str: ...
+
+    @property
+    def setup(self) -> str: ...
+
 __all__ = ["ProgressBar", "notes", "render_table", "table_rows", "verdict"]
 
 
