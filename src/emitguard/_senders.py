@@ -17,12 +17,22 @@ from typing import Any
 
 from emitguard import transport
 from emitguard._delivery import UNCONFIRMED
+from emitguard._ids import names_no_thread
 from emitguard._pipeline import CONNECTED, Pipeline
 from emitguard._recorder import thread_name
 from emitguard._table import ThreadTable
 from emitguard._telemetry import SEND
-from emitguard.calls import MISSING, Arg, Call, Rebind, Verdict, WraptWrapper, judge, judge_error
-from emitguard.records import event_type_of
+from emitguard.calls import (
+    MISSING,
+    AnyOf,
+    Arg,
+    Call,
+    Rebind,
+    Verdict,
+    WraptWrapper,
+    judge,
+    judge_error,
+)
 from emitguard.transport import PROBE, Probe
 
 __all__ = ["Senders"]
@@ -35,11 +45,15 @@ class Senders:
         self._pipeline = pipeline
         self._table = table
 
-    def sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+    def sender(self, thread: Arg | AnyOf, message: Arg, kind: Arg | None = None) -> WraptWrapper:
         """A wrapt wrapper guarding an async send whose arguments sit at ``thread`` and
-        ``message``: the plain fast path, else :meth:`send_call`."""
+        ``message`` (and its event type at ``kind``, when the call names it apart): the plain
+        fast path, else :meth:`send_call`."""
+        if kind is not None:
+            return self._kinded(thread, message, kind)
         pipeline, send_call, rebind = self._pipeline, self.send_call, message.replace
         recheck = self._table.lines.recheck
+        accept = pipeline.delivery.accept
         t_index, m_index = thread.reach, message.reach
         width = max(t_index, m_index) if t_index < sys.maxsize > m_index else sys.maxsize
         pair = 2 if (t_index, m_index) == (0, 1) else -1
@@ -65,6 +79,7 @@ class Senders:
                 slot = None
             if (
                 slot is None
+                or thread_id.__class__ is bool  # True == 1: never thread 1's slot
                 or slot.state is not CONNECTED
                 or slot.backlog
                 or payload is None
@@ -84,9 +99,9 @@ class Senders:
                 verdict, why = judge_error(exc, pipeline.delivery.poison)
                 call = Call(wrapped, args, kwargs, rebind)
                 return await pipeline.failed_fast(slot, seq, payload, call, verdict, why)
-            if not result and result is not None:
+            if (not result and result is not None) if accept is None else not accept(result):
                 call = Call(wrapped, args, kwargs, rebind)
-                return await pipeline.failed_fast(slot, seq, payload, call, *judge(result))
+                return await pipeline.failed_fast(slot, seq, payload, call, *judge(result, accept))
             slot.seq = seq
             slot.lock.release()
             if slot.tickets:
@@ -95,7 +110,29 @@ class Senders:
 
         return guarded_send
 
-    def sync_sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+    def _kinded(self, thread: Arg | AnyOf, message: Arg, kind: Arg) -> WraptWrapper:
+        """:meth:`sender` for a send whose event type is an argument of its own (no plain
+        fast path: each call's type is read for its records)."""
+        send_call, rebind = self.send_call, message.replace
+
+        async def guarded_send(
+            wrapped: Callable[..., Awaitable[Any]],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> bool:
+            thread_id, payload = thread.pick(args, kwargs), message.pick(args, kwargs)
+            if payload is MISSING:  # an event with no data: emit("done", to=room)
+                payload = None
+            event_type = kind.pick(args, kwargs)
+            name = event_type if isinstance(event_type, str) else None
+            return await send_call(thread_id, payload, wrapped, args, kwargs, rebind, name)
+
+        return guarded_send
+
+    def sync_sender(
+        self, thread: Arg | AnyOf, message: Arg, kind: Arg | None = None
+    ) -> WraptWrapper:
         """:meth:`sender` for a synchronous send (it never waits on the barrier)."""
         send, rebind = self.send_sync_call, message.replace
 
@@ -106,7 +143,11 @@ class Senders:
             kwargs: dict[str, Any],
         ) -> bool:
             thread_id, payload = thread.pick(args, kwargs), message.pick(args, kwargs)
-            return send(thread_id, payload, wrapped, args, kwargs, rebind)
+            event_type = kind.pick(args, kwargs) if kind is not None else None
+            name = event_type if isinstance(event_type, str) else None
+            if payload is MISSING and kind is not None:  # an event with no data
+                payload = None
+            return send(thread_id, payload, wrapped, args, kwargs, rebind, name)
 
         return guarded_send
 
@@ -118,14 +159,21 @@ class Senders:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         rebind: Rebind,
+        kind: str | None = None,
     ) -> bool:
         """A guarded async send: the original is ``fn(*args, **kwargs)``, and
         ``rebind(args, kwargs, message)`` returns the arguments with another message in them
-        (for seq stamping and for deliveries from the outbox)."""
+        (for seq stamping and for deliveries from the outbox). ``kind``: the event type, when
+        the call names it apart from the message.
+
+        A send naming no thread (``thread_id`` ``None`` or missing: a broadcast) is handed
+        to the original unchanged and returns what the original returns (PASSED)."""
         pipeline = self._pipeline
+        if names_no_thread(thread_id) and not pipeline.closed:
+            return await pipeline.passed(message, Call(fn, args, kwargs, rebind, kind))  # type: ignore[no-any-return]
         if pipeline.instrumented:
-            return await self._instrumented(thread_id, message, fn, args, kwargs, rebind)
-        return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+            return await self._instrumented(thread_id, message, fn, args, kwargs, rebind, kind)
+        return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
 
     def send_sync_call(
         self,
@@ -135,11 +183,14 @@ class Senders:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         rebind: Rebind,
+        kind: str | None = None,
     ) -> bool:
         """:meth:`send_call` for a synchronous original."""
-        pipeline, call = self._pipeline, Call(fn, args, kwargs, rebind)
+        pipeline, call = self._pipeline, Call(fn, args, kwargs, rebind, kind)
+        if names_no_thread(thread_id) and not pipeline.closed:
+            return pipeline.passed_sync(message, call)  # type: ignore[no-any-return]
         if pipeline.tel.active:
-            with pipeline.tel.sending(thread_name(thread_id), message):
+            with pipeline.tel.sending(thread_name(thread_id), message, kind=kind):
                 return pipeline.send_sync(thread_id, message, call)
         return pipeline.send_sync(thread_id, message, call)
 
@@ -151,6 +202,7 @@ class Senders:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         rebind: Rebind,
+        kind: str | None = None,
     ) -> bool:
         """The fast path while telemetry or transport confirmation is active.
 
@@ -168,6 +220,7 @@ class Senders:
             slot = None
         if (
             slot is None
+            or thread_id.__class__ is bool
             or slot.state is not CONNECTED
             or slot.backlog
             or message is None
@@ -176,8 +229,8 @@ class Senders:
             or pipeline.closed
             or not slot.lock.acquire(False)
         ):
-            with tel.sending(thread_name(thread_id), message):
-                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+            with tel.sending(thread_name(thread_id), message, kind=kind):
+                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
         started = time.time_ns() if tel.active else 0
         seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
         confirm = pipeline.delivery.confirm
@@ -192,8 +245,9 @@ class Senders:
             finally:
                 if token is not None:
                     transport.close_probe(token)
-            if not result and result is not None:
-                verdict, why = judge(result)
+            accept = pipeline.delivery.accept
+            if (not result and result is not None) if accept is None else not accept(result):
+                verdict, why = judge(result, accept)
             elif (
                 probe is not None
                 and not probe.frames
@@ -201,8 +255,8 @@ class Senders:
             ):
                 verdict, why = Verdict.RETRY, UNCONFIRMED
         except asyncio.CancelledError:  # during the send or its confirmation: keep the event
-            call = Call(fn, args, kwargs, rebind)
-            with tel.sending(slot.thread_id, message, seq, started or None):
+            call = Call(fn, args, kwargs, rebind, kind)
+            with tel.sending(slot.thread_id, message, seq, started or None, kind=kind):
                 await pipeline.failed_fast(
                     slot, seq, message, call, Verdict.RETRY, "cancelled", cancelled=True
                 )
@@ -211,8 +265,8 @@ class Senders:
             verdict, why = judge_error(exc, pipeline.delivery.poison)
             error = exc
         if verdict is not None:
-            call = Call(fn, args, kwargs, rebind)
-            with tel.sending(slot.thread_id, message, seq, started or None, error):
+            call = Call(fn, args, kwargs, rebind, kind)
+            with tel.sending(slot.thread_id, message, seq, started or None, error, kind):
                 return await pipeline.failed_fast(slot, seq, message, call, verdict, why)
         if probe is not None and not probe.owners <= slot.owners:  # a new carrier connection
             for owner in probe.owners - slot.owners:
@@ -222,7 +276,7 @@ class Senders:
         if slot.tickets:
             self._table.lines.recheck(slot)
         if tel.active:  # (off when only transport confirmation brought the send here)
-            event_type = event_type_of(message)
+            event_type = kind if kind is not None else tel.type_of(message)
             tel.delivered(event_type)
             span = tel.start(
                 SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True

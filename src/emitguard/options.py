@@ -7,13 +7,15 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
-__all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "GuardOptions"]
+__all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "VERDICTS", "GuardOptions"]
 
 OverflowPolicy = Literal["drop_oldest", "drop_newest", "reject"]
 UnreadyPolicy = Literal["wait", "buffer"]
 
 OVERFLOW_POLICIES: tuple[str, ...] = ("drop_oldest", "drop_newest", "reject")
 UNREADY_POLICIES: tuple[str, ...] = ("wait", "buffer")
+VERDICTS: tuple[str, ...] = ("none_is_failure",)
+"""Named values of the ``verdict`` option."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,16 @@ class GuardOptions:
     """Exceptions from the original send that mean the message itself cannot be sent (it does
     not serialise, the call is wrong): such an event is FAILED at once instead of being kept
     and retried, and the thread keeps its state."""
+    verdict: Callable[[Any], bool] | str | None = None
+    """What the original send's result means when it did not raise: ``None`` (the default)
+    takes a truthy value or ``None`` as delivered; ``"none_is_failure"`` takes only a truthy
+    value (for a send that swallows a closed socket and returns ``None``); a callable
+    ``verdict(result) -> bool`` decides itself (its exceptions are logged, and the result is
+    then taken as delivered)."""
+    event_type: Callable[[Any], str | None] | None = None
+    """``event_type(message)``: the event type of a message, for records, spans and
+    ``protect``; ``None`` reads a mapping's ``"type"`` key or a ``type`` attribute. Its
+    exceptions are logged and the type is then unknown."""
     history: int = 0
     """Delivered messages kept per thread for :meth:`~emitguard.Guard.replay` (a client that
     reconnects gets what it missed); 0 keeps none."""
@@ -98,6 +110,15 @@ class GuardOptions:
         if not isinstance(self.destination_template, str) or not self.destination_template:
             raise ValueError(
                 f"destination_template must be a non-empty str, got {self.destination_template!r}"
+            )
+        if not (self.verdict is None or callable(self.verdict) or self.verdict in VERDICTS):
+            raise ValueError(
+                f"verdict must be None, 'none_is_failure' or a callable(result) -> bool; "
+                f"got {self.verdict!r}"
+            )
+        if self.event_type is not None and not callable(self.event_type):
+            raise TypeError(
+                f"event_type must be a callable(message) -> str or None, got {self.event_type!r}"
             )
         if self.span_hook is not None and not callable(self.span_hook):
             raise TypeError(f"span_hook must be callable or None, got {self.span_hook!r}")
