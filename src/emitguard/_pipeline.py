@@ -469,8 +469,11 @@ class Pipeline:
         return slot.seq
 
     def _stamped(self, message: Any, seq: int) -> Any:
-        if isinstance(message, dict) and self._stamp is not None:
-            return {**message, self._stamp: seq}
+        stamp = self._stamp
+        if isinstance(stamp, str):
+            return {**message, stamp: seq} if isinstance(message, dict) else message
+        if stamp is not None:
+            return stamp(message, seq)
         return message
 
     def _unready_reason(self, slot: ThreadSlot) -> str:

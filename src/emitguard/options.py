@@ -40,8 +40,10 @@ class GuardOptions:
     """What a full outbox does with a new event."""
     protect: frozenset[str] = frozenset()
     """Event types never evicted by ``drop_oldest``/``drop_newest``."""
-    stamp_seq: str | None = None
-    """Key under which ``seq`` is stamped into dict messages (a copy); ``None``: no stamp."""
+    stamp_seq: str | Callable[[Any, int], Any] | None = None
+    """Key under which ``seq`` is stamped into dict messages (a copy); or a callable
+    ``stamp(message, seq) -> message`` that returns the message to send (adapters whose
+    messages are not dicts); ``None``: no stamp."""
     strict: bool = False
     """Raise :class:`~emitguard.EmissionError` instead of returning falsy."""
     poison: tuple[type[BaseException], ...] = (TypeError, ValueError)
@@ -99,10 +101,15 @@ class GuardOptions:
             _number("ttl", self.ttl, allow_zero=False)
         _choice("overflow", self.overflow, OVERFLOW_POLICIES)
         object.__setattr__(self, "protect", _event_types(self.protect))
-        if self.stamp_seq is not None and (
-            not isinstance(self.stamp_seq, str) or not self.stamp_seq
+        if (
+            self.stamp_seq is not None
+            and not callable(self.stamp_seq)
+            and (not isinstance(self.stamp_seq, str) or not self.stamp_seq)
         ):
-            raise ValueError(f"stamp_seq must be a non-empty key or None, got {self.stamp_seq!r}")
+            raise ValueError(
+                f"stamp_seq must be a non-empty key, a callable(message, seq) or None, "
+                f"got {self.stamp_seq!r}"
+            )
         object.__setattr__(self, "poison", _exception_types(self.poison))
         for flag in ("strict", "tracing", "metrics"):
             if not isinstance(getattr(self, flag), bool):
