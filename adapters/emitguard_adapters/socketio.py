@@ -117,8 +117,11 @@ class SocketIOGuard:
         self.recovery = recovery
         self.max_disconnection_duration = max_disconnection_duration
         self._patches: list[tuple[Any, str]] = []
-        self._departed: OrderedDict[tuple[str, str], tuple[float, frozenset[Any]]] = OrderedDict()
-        """(namespace, pid) of sessions that went away: when, and the rooms they were in."""
+        self._departed: OrderedDict[tuple[str, str], tuple[float, dict[Any, int]]] = OrderedDict()
+        """(namespace, pid) of sessions that went away: when, and the rooms they were in with
+        the room's seq when they entered it."""
+        self._joined: dict[tuple[str, str], dict[Any, int]] = {}
+        """(namespace, sid) -> room -> the room's seq when the sid entered it."""
         self._pids: dict[tuple[str, str], str] = {}
         """(namespace, sid) -> the private id of that session (with recovery)."""
         self._sessions: dict[tuple[str, str], str] = {}
@@ -199,6 +202,9 @@ class SocketIOGuard:
         sid, namespace, room = _room_call(args, kwargs)
         if room is not None:
             try:
+                if self.recovery and room != sid:
+                    rooms = self._joined.setdefault((namespace, sid), {})
+                    rooms.setdefault(room, self.guard.last_seq((namespace, room)))
                 self.guard.mark_connected((namespace, room), (namespace, sid))
             except Exception:
                 log.exception("emitguard could not record that %s entered %r", sid, room)
@@ -209,7 +215,9 @@ class SocketIOGuard:
     ) -> Any:
         sid, namespace, room = _room_call(args, kwargs)
         if self.recovery and room == sid:  # the session is going: remember its rooms
-            self._remember(instance, namespace, sid)
+            self._remember(namespace, sid)
+        elif self.recovery and room is not None and instance.is_connected(sid, namespace):
+            self._joined.get((namespace, sid), {}).pop(room, None)  # left it, still here
         result = wrapped(*args, **kwargs)
         if room is not None:
             try:
@@ -220,13 +228,13 @@ class SocketIOGuard:
 
     # ------------------------------------------------------------ recovery
 
-    def _remember(self, manager: Any, namespace: str, sid: str) -> None:
+    def _remember(self, namespace: str, sid: str) -> None:
+        joined = self._joined.pop((namespace, sid), {})
         pid = self._pids.pop((namespace, sid), None)
         if pid is None:
             return
         self._sessions.pop((namespace, pid), None)
-        rooms = frozenset(r for r in manager.get_rooms(sid, namespace) if r != sid)
-        self._departed[(namespace, pid)] = (time.monotonic(), rooms)
+        self._departed[(namespace, pid)] = (time.monotonic(), joined)
         cutoff = time.monotonic() - self.max_disconnection_duration
         while self._departed:
             oldest = next(iter(self._departed.values()))[0]
@@ -261,7 +269,7 @@ class SocketIOGuard:
         previous = (namespace, str(section.get("pid")))
         stale = self._sessions.get(previous)
         if stale is not None and stale != sid:  # back before the server saw it go
-            self._remember(manager, namespace, stale)
+            self._remember(namespace, stale)
             await _original(self.server.disconnect)(stale, namespace=namespace)
         departed = self._departed.pop(previous, None)
         fresh = (
@@ -270,6 +278,9 @@ class SocketIOGuard:
         )
         recovered: list[Any] = []
         resync: list[dict[str, Any]] = []
+        if fresh and departed is not None:  # rooms the client saw nothing of since it joined
+            for room, joined_at in departed[1].items():
+                offsets.setdefault(room, joined_at)
         for room, after in offsets.items():
             thread = (namespace, room)
             if not fresh or departed is None or room not in departed[1]:

@@ -313,6 +313,14 @@ class Guard:
         latest = slot.seq if slot is not None else self._window.latest(thread_id)
         return self._window.replay(thread_id, after, latest)
 
+    def last_seq(self, thread_id: Hashable) -> int:
+        """The last ``seq`` given to an emission of the thread (0: none yet): a client that
+        joins now has seen nothing after it."""
+        slot = self._table.get(thread_id)
+        if slot is not None:
+            return slot.seq
+        return self._window.latest(thread_id) if self._window is not None else 0
+
     @contextlib.asynccontextmanager
     async def hold(self, thread_id: Hashable) -> AsyncIterator[None]:
         """Hold the thread's line: no delivery or flush of the thread runs meanwhile (sends
