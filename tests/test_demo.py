@@ -310,7 +310,7 @@ def test_terminal_outcomes_add_up_to_the_events_emitted_and_buffered_is_a_path(
 
     terminal = [line for line in lines if line.startswith("guard outcome: ")]
     assert [line.split()[2] for line in terminal] == [
-        "delivered", "flushed", "dropped", "expired", "failed", "rejected"
+        "delivered", "flushed", "dropped", "expired", "failed", "rejected", "passed"
     ]  # fmt: skip
     assert not any("buffered" in line for line in terminal)
     total = sum(int(line.split()[-1]) for line in terminal) + value("still buffered")

@@ -375,7 +375,7 @@ class DifferentialMachine(RuleBasedStateMachine):
         def act(side: Side) -> None:
             guard, manager = side.g, side.manager
             if how == "bad":
-                bad_thread: Any = {"t1": "", "t2": 7}.get(thread, thread)
+                bad_thread: Any = {"t1": "", "t2": True}.get(thread, thread)
                 bad_message = None if bad_thread == thread else dict(message)
                 side.results[uid] = side.awaited(
                     lambda: manager.send_to_thread(bad_thread, bad_message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ import pytest
 import emitguard
 from conftest import Records, Sink, settle
 from emitguard import ConnectionState, EmissionError, Guard, Outcome
+
+WANTED = "thread_id must be a hashable id (str, int, UUID, tuple, ...)"
 
 
 def event(kind: str, n: int = 0) -> dict[str, Any]:
@@ -295,10 +298,9 @@ async def test_stamp_seq_copies_dict_messages(sink: Sink) -> None:
 @pytest.mark.parametrize(
     ("thread_id", "expected"),
     [
-        (None, "thread_id must be a non-empty str, got NoneType None"),
-        ("", "thread_id must be a non-empty str, got ''"),
-        (123, "thread_id must be a non-empty str, got int 123"),
-        (["t"], "thread_id must be a non-empty str, got list ['t']"),
+        ("", f"{WANTED}, got an empty str"),
+        (True, f"{WANTED}, not True"),
+        (["t"], f"{WANTED}, got unhashable list ['t']"),
     ],
 )
 async def test_bad_thread_id_is_rejected(
@@ -310,6 +312,53 @@ async def test_bad_thread_id_is_rejected(
     [record] = records.items
     assert (record.outcome, record.reason, record.seq) == (Outcome.REJECTED, expected, 0)
     assert sink.calls == 0
+
+
+@pytest.mark.parametrize(
+    "thread_id", [123, uuid.UUID(int=7), ("/chat", "room-1")], ids=["int", "uuid", "tuple"]
+)
+async def test_any_hashable_thread_id_is_a_thread(
+    sink: Sink, records: Records, thread_id: Any
+) -> None:
+    guard = Guard(on_unready="buffer")
+    records.guard = guard
+    assert await guard.send(thread_id, event("a"), sink.for_thread("t")) is True
+    guard.mark_connected(thread_id)
+    await guard.drain(1.0)
+    assert [(r.thread_id, r.outcome) for r in records.items] == [
+        (thread_id, Outcome.BUFFERED),
+        (thread_id, Outcome.FLUSHED),
+    ]
+    assert records.items[0].thread_id is thread_id  # shown as it was given
+    assert guard.stats().states == {thread_id: ConnectionState.CONNECTED}
+
+
+async def test_true_is_not_thread_1(sink: Sink, records: Records) -> None:
+    guard = Guard()
+    records.guard = guard
+    guard.mark_connected(1)
+    assert await guard.send(True, event("a"), sink.for_thread("t")) is False
+    assert [r.outcome for r in records.items] == [Outcome.REJECTED]
+    assert sink.calls == 0
+
+
+async def test_a_send_naming_no_thread_passes_through(sink: Sink, records: Records) -> None:
+    guard = Guard()
+    records.guard = guard
+
+    async def broadcast(message: Any) -> str:
+        sink.calls += 1
+        return "as the original says"
+
+    assert await guard.send(None, event("a"), broadcast) == "as the original says"
+    [record] = records.items
+    assert (record.outcome, record.thread_id, record.seq) == (Outcome.PASSED, None, 0)
+    assert record.outcome.ok
+    assert record.outcome.terminal
+    assert sink.calls == 1
+    stats = guard.stats()
+    assert stats.passed_through == 1
+    assert stats.states == {}
 
 
 async def test_none_message_is_rejected(sink: Sink, records: Records) -> None:

@@ -195,7 +195,7 @@ class GuardMachine(RuleBasedStateMachine):
         self.tick()
 
     def send_bad(self, thread: str, event_type: str) -> None:
-        bad_thread: Any = {"t1": "", "t2": 7}.get(thread, thread)
+        bad_thread: Any = {"t1": "", "t2": True}.get(thread, thread)
         message = None if bad_thread == thread else {"type": event_type}
         self.led.bad += 1
         assert self.run(self.g.send(bad_thread, message, self.sockets.deliver(thread))) is False

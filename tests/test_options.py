@@ -27,7 +27,11 @@ from emitguard import Guard, GuardOptions
         ({"max_total": 1.5}, TypeError, "max_total must be an int, got 1.5"),
         ({"protect": "agent_completed"}, TypeError, "protect must be a collection"),
         ({"protect": ["ok", ""]}, ValueError, "protect holds event types"),
-        ({"stamp_seq": ""}, ValueError, "stamp_seq must be a non-empty key or None, got ''"),
+        (
+            {"stamp_seq": ""},
+            ValueError,
+            "stamp_seq must be a non-empty key, a callable(message, seq) or None, got ''",
+        ),
         ({"strict": "yes"}, TypeError, "strict must be a bool, got 'yes'"),
         ({"redy_timeout": 1}, TypeError, "unknown guard option(s) 'redy_timeout'; valid options:"),
     ],

@@ -104,6 +104,8 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/hub.py": ("starlette",),
     "adapters/emitguard_adapters/_access.py": ("starlette",),
     "adapters/emitguard_adapters/_writer.py": ("starlette",),
+    # guards a python-socketio server it is handed: needs no import of it (the extra installs it)
+    "adapters/emitguard_adapters/socketio.py": ("socketio",),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
     "adapters/emitguard_adapters/testing.py": ("demo",),
     # docs/starlette.md: the extra, and uvicorn from `demo` to run the example app

@@ -418,7 +418,9 @@ async def test_rejected_input_is_an_error_span(
     [span] = finished(exporter)
     assert attrs(span)["emitguard.outcome"] == "rejected"
     assert attrs(span)["error.type"] == "rejected"
-    assert attrs(span)["emitguard.reason"] == "thread_id must be a non-empty str, got ''"
+    assert attrs(span)["emitguard.reason"] == (
+        "thread_id must be a hashable id (str, int, UUID, tuple, ...), got an empty str"
+    )
     assert "messaging.message.id" not in attrs(span)
     assert span.status.status_code is StatusCode.ERROR
 

@@ -515,6 +515,10 @@ def _guard_thread_param(target: Any, send: str) -> str | int:
     proxy = _guarded_method(target, send)
     roles = getattr(getattr(proxy, "_self_adapter", None), "roles", None) or {}
     wanted = roles.get("thread_param")
+    if isinstance(wanted, dict):  # given per role: the send's
+        wanted = wanted.get("send", "thread_id")
+    if isinstance(wanted, (tuple, list)) and wanted:  # aliases: the first
+        wanted = wanted[0]
     return wanted if isinstance(wanted, (str, int)) else "thread_id"
 
 

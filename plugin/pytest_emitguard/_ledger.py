@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 import emitguard
@@ -15,9 +15,11 @@ BAD_OUTCOMES = frozenset(
 )
 """Final outcomes that fail a test at teardown (BUFFERED: still undelivered)."""
 
-_Key = tuple[int, str, int]
+_Key = tuple[int, Hashable, int]
 """An emission: its guard (``id()`` of a guard the ledger holds), thread and seq. Not the
-guard's name: two guards may share one (two instances of one manager class)."""
+guard's name: two guards may share one (two instances of one manager class). Emissions
+outside their thread's order (seq 0: rejected, passed through, greetings) each get a key of
+their own (a negative count)."""
 
 
 class EmissionLedger:
@@ -35,7 +37,8 @@ class EmissionLedger:
         """Collect a record (the engine calls this for every guard)."""
         self.records.append(emission)
         self._guards.setdefault(id(guard), guard)
-        self._keyed.append(((id(guard), emission.thread_id, emission.seq), emission))
+        seq = emission.seq or -len(self._keyed) - 1
+        self._keyed.append(((id(guard), emission.thread_id, seq), emission))
 
     def guards(self) -> list[Guard]:
         """The guards that recorded an emission while this ledger listened."""
@@ -43,7 +46,7 @@ class EmissionLedger:
 
     # ------------------------------------------------------------------ queries
 
-    def by_thread(self, thread_id: str) -> list[Emission]:
+    def by_thread(self, thread_id: Hashable) -> list[Emission]:
         """Every record of one thread, in the order they were made."""
         return [r for r in self.records if r.thread_id == thread_id]
 
@@ -66,7 +69,7 @@ class EmissionLedger:
             latest[key] = record
         return latest
 
-    def types(self, thread_id: str) -> list[str | None]:
+    def types(self, thread_id: Hashable) -> list[str | None]:
         """The event types delivered to a thread (DELIVERED or FLUSHED), in ``seq`` order."""
         done = [r for r in self.final() if r.thread_id == thread_id and r.outcome in _DELIVERED]
         return [r.event_type for r in sorted(done, key=lambda r: r.seq)]
@@ -79,11 +82,15 @@ class EmissionLedger:
     # --------------------------------------------------------------- assertions
 
     def assert_delivered(
-        self, *event_types: str, thread: str | None = None, in_order: bool = True
+        self, *event_types: str, thread: Hashable | None = None, in_order: bool = True
     ) -> None:
         """Assert these event types were delivered (to ``thread``, if given), in this order
         among themselves unless ``in_order=False``."""
-        threads = [thread] if thread is not None else sorted({r.thread_id for r in self.records})
+        threads = (
+            [thread]
+            if thread is not None
+            else sorted({r.thread_id for r in self.records}, key=repr)
+        )
         seen = [t for name in threads for t in self.types(name)]
         missing = [t for t in event_types if t not in seen]
         where = f" to thread {thread}" if thread is not None else ""
@@ -105,12 +112,12 @@ class EmissionLedger:
         if bad:
             raise AssertionError(summary(bad, "failed"))
 
-    def assert_no_gaps(self, thread_id: str) -> None:
+    def assert_no_gaps(self, thread_id: Hashable) -> None:
         """Assert the thread's delivered seqs are 1, 2, 3, ... without a hole (for each
         guard that delivered to it: every guard numbers its own emissions)."""
         by_guard: dict[int, list[int]] = {}
         for (guard_id, thread, seq), record in self._latest().items():
-            if thread == thread_id and record.outcome in _DELIVERED:
+            if thread == thread_id and seq > 0 and record.outcome in _DELIVERED:
                 by_guard.setdefault(guard_id, []).append(seq)
         for seqs in by_guard.values():
             holes = sorted(set(range(1, max(seqs) + 1)) - set(seqs))

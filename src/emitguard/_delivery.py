@@ -9,6 +9,7 @@ delivery count even when the original found no socket.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +17,11 @@ from emitguard import transport
 from emitguard._loops import alive, running_loop
 from emitguard._slot import ThreadSlot
 from emitguard._telemetry import Telemetry
-from emitguard.calls import Verdict, judge, judge_error
+from emitguard.calls import Accept, Verdict, judge, judge_error
 
-__all__ = ["UNCONFIRMED", "Delivery", "fan_out"]
+__all__ = ["UNCONFIRMED", "Delivery", "acceptance", "fan_out"]
+
+log = logging.getLogger("emitguard")
 
 UNCONFIRMED = (
     "unconfirmed: the send reported success but no frame left through the transport, "
@@ -35,9 +38,12 @@ class Delivery:
         telemetry: Telemetry,
         poison: tuple[type[BaseException], ...],
         adopt: Callable[[ThreadSlot, transport.Probe], None],
+        verdict: Callable[[Any], bool] | str | None = None,
     ) -> None:
         self._tel = telemetry
         self.poison = poison
+        self.accept = acceptance(verdict)
+        """How a returned result is read (the ``verdict`` option); ``None``: the default."""
         self.confirm: float | None = None
         """Seconds to wait for a transport to confirm a delivery; ``None``: no confirmation."""
         self._adopt = adopt
@@ -83,7 +89,7 @@ class Delivery:
         finally:
             if token is not None:
                 transport.close_probe(token)
-        verdict, why = judge(result)
+        verdict, why = judge(result, self.accept)
         if slot.subscribers and fan_out(slot, seq, message):
             return Verdict.OK, None
         if probe is not None and verdict is Verdict.OK:
@@ -91,6 +97,36 @@ class Delivery:
                 return Verdict.RETRY, UNCONFIRMED
             self._adopt(slot, probe)
         return verdict, why
+
+
+def acceptance(verdict: Callable[[Any], bool] | str | None) -> Accept | None:
+    """The ``verdict`` option as a function ``accept(result) -> bool`` (``None``: the
+    default reading). A user's verdict that raises is logged, and the result taken as
+    delivered: the send itself did not fail."""
+    if verdict is None:
+        return None
+    if verdict == "none_is_failure":
+        return bool
+    assert callable(verdict)
+    judge_result = verdict
+    failed = False
+
+    def accept(result: Any) -> bool:
+        nonlocal failed
+        try:
+            return bool(judge_result(result))
+        except Exception:
+            level = logging.DEBUG if failed else logging.WARNING
+            failed = True
+            log.log(
+                level,
+                "emitguard verdict %r raised; taken as delivered",
+                judge_result,
+                exc_info=True,
+            )
+            return True
+
+    return accept
 
 
 def fan_out(slot: ThreadSlot, seq: int, message: Any) -> bool:

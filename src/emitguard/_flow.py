@@ -18,10 +18,10 @@ from emitguard._recorder import Recorder
 from emitguard._slot import ThreadSlot
 from emitguard._table import ThreadTable
 from emitguard._telemetry import FLUSH, Scope, Telemetry
-from emitguard.calls import Verdict
+from emitguard.calls import Call, Verdict
 from emitguard.options import GuardOptions
 from emitguard.outbox import Outbox, OutboxEntry, drive
-from emitguard.records import Emission, event_type_of
+from emitguard.records import Emission
 from emitguard.states import ConnectionState, Outcome
 
 __all__ = ["Flow", "expired_reason"]
@@ -77,11 +77,12 @@ class Flow:
         waited: float = 0.0,
     ) -> OutboxEntry:
         """An outbox entry for an emission of the thread."""
+        kind = deliver.kind if isinstance(deliver, Call) else None
         return OutboxEntry(
             thread_id=slot.thread_id,
             seq=seq,
             message=message,
-            event_type=event_type_of(message),
+            event_type=kind if kind is not None else self._recorder.type_of(message),
             created=time.monotonic() - (time.time() - created_at),
             created_at=created_at,
             deliver=deliver,
@@ -94,7 +95,12 @@ class Flow:
     async def buffer(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> bool:
         """Put an emission into the outbox, applying the bounds; records what happened."""
         recorder = self._recorder
-        cannot = self.outbox.check(entry.message)
+        no_data = (  # an event whose call names its type apart, sent without data
+            entry.message is None
+            and isinstance(entry.deliver, Call)
+            and entry.deliver.kind is not None
+        )
+        cannot = None if no_data else self.outbox.check(entry.message)
         if cannot is not None:
             outcome = Outcome.FAILED if entry.attempts else Outcome.REJECTED
             return recorder.conclude(recorder.of_entry(entry, outcome, f"{reason}; {cannot}"))
@@ -268,6 +274,7 @@ class Flow:
         if slot is not None:
             slot.backlog -= 1
             if not slot.backlog:
+                slot.warned = False
                 self.backlogged.discard(slot)
                 self._table.settled(slot)
         record: Emission = self._recorder.note(self._recorder.of_entry(entry, outcome, reason))
@@ -382,8 +389,32 @@ class Flow:
             try:
                 for entry in await self.outbox.expire(slot.thread_id, cutoff):
                     self._left(entry, Outcome.EXPIRED, expired_reason(ttl))
+                if slot.backlog and not slot.warned:
+                    await self._warn_if_stale(slot, ttl)
             finally:
                 self._table.release(slot)
+
+    async def _warn_if_stale(self, slot: ThreadSlot, ttl: float) -> None:
+        """Log once (until its backlog empties) a thread whose oldest buffered event has used
+        up half its TTL, with the reason it is still waiting."""
+        head = await self.outbox.head(slot.thread_id)
+        if head is None:
+            return
+        age = time.monotonic() - head.created
+        if age < ttl / 2:
+            return
+        slot.warned = True
+        why = f"{slot.state.value}: {slot.note}" if slot.note else slot.state.value
+        log.warning(
+            "emitguard %s: %d event(s) buffered for %r, the oldest for %.1fs of ttl=%ss "
+            "(thread %s); they expire unless it is associated",
+            self._recorder.guard_name,
+            slot.backlog,
+            slot.thread_id,
+            age,
+            ttl,
+            why,
+        )
 
     def _ensure_sweeper(self) -> None:
         if self.options.ttl is None or self.closed:

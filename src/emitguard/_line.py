@@ -63,6 +63,8 @@ class Lines:
         """Give up the line: to the next waiter, after the work of any gone ones."""
         while True:
             with self.mutex:
+                if slot.line:  # its token is back: the caller does not hold the line (a
+                    return  # holder that died with its loop, reset since, leaving late)
                 ticket = self._pop(slot)
                 if ticket is None:
                     slot.line.append(True)

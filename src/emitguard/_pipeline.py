@@ -19,11 +19,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from emitguard import transport
 from emitguard._delivery import Delivery
 from emitguard._flow import Flow
+from emitguard._ids import id_problem, names_no_thread
 from emitguard._loops import alive, running_loop
 from emitguard._recorder import Recorder, thread_name
 from emitguard._slot import ThreadSlot, Ticket
@@ -35,7 +37,7 @@ from emitguard.options import GuardOptions
 from emitguard.outbox import OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
 
-__all__ = ["Pipeline", "problem"]
+__all__ = ["PASSED_REASON", "Pipeline", "problem"]
 
 log = logging.getLogger("emitguard")
 
@@ -51,6 +53,8 @@ class _Pending:
     call: Call
     created_at: float
     is_async: bool
+    outcome: list[bool] = field(default_factory=list)
+    """What a synchronous send's delivery in its turn returned, once it ran."""
 
 
 class Pipeline:
@@ -93,9 +97,11 @@ class Pipeline:
         self.closed = closed
         self.fast = self._table.slots if self.plain and not self.observed and not closed else {}
 
-    def delivered_fast(self, slot: ThreadSlot, seq: int, message: Any, created_at: float) -> None:
+    def delivered_fast(
+        self, slot: ThreadSlot, seq: int, message: Any, created_at: float, kind: str | None
+    ) -> None:
         """A delivery on the observed fast path worked: its record, for the listeners."""
-        self._recorder.delivered(slot.thread_id, seq, message, created_at)
+        self._recorder.delivered(slot.thread_id, seq, message, created_at, kind)
 
     # ------------------------------------------------------------------ async
 
@@ -112,10 +118,16 @@ class Pipeline:
     async def _send(self, thread_id: Any, message: Any, call: Call) -> bool:
         if self.closed:
             return await self._unguarded(thread_id, message, call)
-        bad = problem(thread_id, message)
+        if names_no_thread(thread_id):
+            return await self.passed(message, call)  # type: ignore[no-any-return]
+        bad = problem(thread_id, message, call.kind)
         if bad is not None:
-            record = self._recorder.make(Outcome.REJECTED, thread_name(thread_id), 0, message, bad)
+            record = self._recorder.make(
+                Outcome.REJECTED, thread_name(thread_id), 0, message, bad, kind=call.kind
+            )
             return self._recorder.conclude(record)
+        if transport.associating(thread_id):
+            return await self._greet(thread_id, message, call, True)
         created_at = time.time()
         self._flow.home = asyncio.get_running_loop()
         slot, ticket = self._table.take(thread_id, _Pending(message, call, created_at, True))
@@ -246,6 +258,7 @@ class Pipeline:
                 waited=waited,
                 attempts=1,
                 created_at=created_at,
+                kind=call.kind,
             )
             return recorder.conclude(record)
         entry = self._flow.entry(slot, seq, message, call, is_async, created_at, 1, waited)
@@ -294,7 +307,8 @@ class Pipeline:
         the line over to finish (it releases it)."""
         pending: _Pending = ticket.keep
         if not pending.is_async:
-            self._sync_in_line(slot, pending.message, pending.call, pending.created_at)
+            result = self._sync_in_line(slot, pending.message, pending.call, pending.created_at)
+            pending.outcome.append(result)
             return True
         seq = self._next_seq(slot)
         message = self._stamped(pending.message, seq) if self._stamp else pending.message
@@ -338,20 +352,29 @@ class Pipeline:
         recorder = self._recorder
         if self.closed:
             return self._unguarded_sync(thread_id, message, call)
-        bad = problem(thread_id, message)
+        if names_no_thread(thread_id):
+            return self.passed_sync(message, call)  # type: ignore[no-any-return]
+        bad = problem(thread_id, message, call.kind)
         if bad is not None:
             return recorder.conclude(
-                recorder.make(Outcome.REJECTED, thread_name(thread_id), 0, message, bad)
+                recorder.make(
+                    Outcome.REJECTED, thread_name(thread_id), 0, message, bad, kind=call.kind
+                )
             )
+        if transport.associating(thread_id):
+            judged: bool = drive(self._greet(thread_id, message, call, False))
+            return judged
         outbox = self._flow.outbox
         if not outbox.synchronous:
             reason = f"a synchronous send needs a synchronous outbox; {outbox!r} is not"
-            return recorder.conclude(recorder.make(Outcome.REJECTED, thread_id, 0, message, reason))
+            return recorder.conclude(
+                recorder.make(Outcome.REJECTED, thread_id, 0, message, reason, kind=call.kind)
+            )
         created_at = time.time()
         pending = _Pending(message, call, created_at, False)
         slot, ticket = self._table.take(thread_id, pending, wait=False)
-        if ticket is not None:
-            return True
+        if ticket is not None:  # accepted; or, if its turn came at once, what it came to
+            return pending.outcome[0] if pending.outcome else True
         try:
             return self._sync_in_line(slot, message, call, created_at)
         finally:
@@ -370,6 +393,59 @@ class Pipeline:
         entry = self._flow.entry(slot, seq, message, call, False, created_at, 0)
         return self._flow.buffer_now(slot, entry, self._unready_reason(slot))
 
+    # ------------------------------------------------- outside the thread's order
+
+    async def passed(self, message: Any, call: Call) -> Any:
+        """A send naming no thread (a broadcast): the original is called exactly as it was,
+        its result returned and its exceptions raised unchanged; recorded as PASSED."""
+        try:
+            return await call.fn(*call.args, **call.kwargs)
+        finally:
+            self._note_passed(message, call)
+
+    def passed_sync(self, message: Any, call: Call) -> Any:
+        """:meth:`passed` for a synchronous original."""
+        try:
+            return call.fn(*call.args, **call.kwargs)
+        finally:
+            self._note_passed(message, call)
+
+    def _note_passed(self, message: Any, call: Call) -> None:
+        recorder = self._recorder
+        recorder.note(
+            recorder.make(
+                Outcome.PASSED, None, 0, message, PASSED_REASON, attempts=1, kind=call.kind
+            )
+        )
+
+    async def _greet(self, thread_id: Any, message: Any, call: Call, is_async: bool) -> bool:
+        """A send made inside the association call of its own thread (the manager greeting
+        the connection it associates): delivered at once, outside the thread's line and
+        order (``seq`` 0, not stamped), never waiting on the barrier that very call is about
+        to open. A failed greeting is FAILED, not kept: its connection is the one that
+        failed."""
+        slot = self._table.slot(thread_id)
+        created_at = time.time()
+        verdict, why = await self.delivery.attempt(call, message, is_async, slot, 0)
+        recorder = self._recorder
+        if verdict is Verdict.OK:
+            outcome, reason = Outcome.DELIVERED, None
+        else:
+            outcome, reason = Outcome.FAILED, f"{why}; {GREETING_FAILED}"
+        record = recorder.make(
+            outcome,
+            thread_id,
+            0,
+            message,
+            reason,
+            attempts=1,
+            created_at=created_at,
+            kind=call.kind,
+        )
+        accepted = recorder.conclude(record)
+        self._table.settled(slot)
+        return accepted
+
     # ------------------------------------------------------------- closed
 
     def _closed_note(self) -> str:
@@ -380,17 +456,19 @@ class Pipeline:
 
     async def _unguarded(self, thread_id: Any, message: Any, call: Call) -> bool:
         result = await call(message)
-        return self._record_unguarded(thread_id, message, result)
+        return self._record_unguarded(thread_id, message, call, result)
 
     def _unguarded_sync(self, thread_id: Any, message: Any, call: Call) -> bool:
-        return self._record_unguarded(thread_id, message, call(message))
+        return self._record_unguarded(thread_id, message, call, call(message))
 
-    def _record_unguarded(self, thread_id: Any, message: Any, result: Any) -> bool:
-        verdict, why = judge(result)
+    def _record_unguarded(self, thread_id: Any, message: Any, call: Call, result: Any) -> bool:
+        verdict, why = judge(result, self.delivery.accept)
         outcome = Outcome.DELIVERED if verdict is Verdict.OK else Outcome.FAILED
         note = self._closed_note()
         reason = note if why is None else f"{note}; {why}"
-        record = self._recorder.make(outcome, thread_name(thread_id), 0, message, reason)
+        record = self._recorder.make(
+            outcome, thread_name(thread_id), 0, message, reason, kind=call.kind
+        )
         self._recorder.note(record)
         return verdict is Verdict.OK
 
@@ -403,8 +481,11 @@ class Pipeline:
         return slot.seq
 
     def _stamped(self, message: Any, seq: int) -> Any:
-        if isinstance(message, dict) and self._stamp is not None:
-            return {**message, self._stamp: seq}
+        stamp = self._stamp
+        if isinstance(stamp, str):
+            return {**message, stamp: seq} if isinstance(message, dict) else message
+        if stamp is not None:
+            return stamp(message, seq)
         return message
 
     def _unready_reason(self, slot: ThreadSlot) -> str:
@@ -423,20 +504,26 @@ class Pipeline:
         return f"thread {label}: {slot.note}" if slot.note else f"thread {label}"
 
 
-def problem(thread_id: object, message: object) -> str | None:
-    """Why a send cannot be taken (it is REJECTED with this reason), or ``None``."""
-    if thread_id is MISSING:
-        return "thread_id must be a non-empty str, got nothing (the call passed no thread)"
-    if not isinstance(thread_id, str):
-        kind = type(thread_id).__name__
-        return f"thread_id must be a non-empty str, got {kind} {thread_id!r}"
-    if not thread_id:
-        return "thread_id must be a non-empty str, got ''"
+def problem(thread_id: object, message: object, kind: str | None = None) -> str | None:
+    """Why a send cannot be taken (it is REJECTED with this reason), or ``None``. (A send
+    naming no thread at all is not a problem: it passes through, see
+    :func:`emitguard._ids.names_no_thread`.) A call that names its event type apart
+    (``kind``) may carry no data: ``emit("done", to=room)``."""
+    bad = id_problem(thread_id)
+    if bad is not None:
+        return bad
     if message is MISSING:
         return "the call passed no message"
-    if message is None:
+    if message is None and kind is None:
         return "message is None"
     return None
+
+
+PASSED_REASON = "the send names no thread (a broadcast): handed to the original send unchanged"
+GREETING_FAILED = (
+    "sent from inside the association call of its thread (to the connection being "
+    "associated), and that delivery failed: not kept"
+)
 
 
 def _give_up(future: asyncio.Future[bool]) -> None:

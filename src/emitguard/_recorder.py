@@ -9,15 +9,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from emitguard import hooks
 from emitguard._history import ReplayWindow
+from emitguard._ids import shown
 from emitguard._telemetry import Telemetry
 from emitguard.calls import MISSING
 from emitguard.errors import EmissionError
 from emitguard.outbox import OutboxEntry
-from emitguard.records import Emission, event_type_of, make_emission
+from emitguard.records import Emission, make_emission
 from emitguard.states import Outcome
 
 __all__ = ["Recorder", "thread_name"]
@@ -25,6 +27,8 @@ __all__ = ["Recorder", "thread_name"]
 log = logging.getLogger("emitguard")
 
 _DELIVERED = frozenset({Outcome.DELIVERED, Outcome.FLUSHED})
+_WARNED_LIMIT = 1000
+"""Threads remembered as warned about (the oldest is forgotten past it)."""
 
 
 class Recorder:
@@ -42,6 +46,9 @@ class Recorder:
         strict: bool,
     ) -> None:
         self._guard = guard
+        self.type_of = telemetry.type_of
+        """The guard's event-type reader (the ``event_type`` option)."""
+        self._warned: OrderedDict[tuple[str, Any], None] = OrderedDict()
         self._tel = telemetry
         self._window = window
         self._strict = strict
@@ -51,6 +58,12 @@ class Recorder:
         self.recorded_seqs = 0
         """Seqs given to emissions that get records (all but the deliveries of the plain
         fast path, which are counted from the seq numbers instead)."""
+
+    @property
+    def guard_name(self) -> str:
+        """The name of the guard whose records these are."""
+        name: str = self._guard.name
+        return name
 
     @property
     def listening(self) -> bool:
@@ -68,13 +81,15 @@ class Recorder:
         waited: float = 0.0,
         attempts: int = 0,
         created_at: float | None = None,
+        kind: str | None = None,
     ) -> Emission:
-        """A record of an emission that has no outbox entry."""
+        """A record of an emission that has no outbox entry (``kind``: its event type, when
+        the call named it apart from the message)."""
         now = time.time()
         return make_emission(
             thread_id,
             seq,
-            event_type_of(message),
+            kind if kind is not None else self.type_of(message),
             outcome,
             reason,
             waited,
@@ -110,6 +125,8 @@ class Recorder:
         with self._lock:
             self.counts[record.outcome] += 1
             self.recorded_seqs += sequenced
+        if record.outcome is Outcome.REJECTED:
+            self.warn_once("rejected", record.thread_id, "emitguard rejected %s", record)
         if self._window is not None and record.outcome in _DELIVERED and record.seq:
             self._window.remember(record.thread_id, record.seq, record.message)
         if self._tel.active:
@@ -118,14 +135,16 @@ class Recorder:
             hooks.emitted(record, self._guard)
         return record
 
-    def delivered(self, thread_id: Any, seq: int, message: Any, created_at: float) -> None:
+    def delivered(
+        self, thread_id: Any, seq: int, message: Any, created_at: float, kind: str | None = None
+    ) -> None:
         """The record of a delivery on the observed fast path (its seq not counted yet):
         :meth:`make` and :meth:`conclude` for the one outcome that needs no verdict."""
         now = time.time()
         record = make_emission(
             thread_id,
             seq,
-            event_type_of(message),
+            kind if kind is not None else self.type_of(message),
             Outcome.DELIVERED,
             None,
             0.0,
@@ -144,6 +163,26 @@ class Recorder:
         if self._tel.active:
             self._tel.noted(record)
         hooks.emitted(record, self._guard)
+
+    def warn_once(self, topic: str, thread_id: Any, text: str, *args: Any) -> None:
+        """Log at WARNING, once per thread and topic (a bounded memory of who was warned)."""
+        try:
+            key = (topic, thread_id)
+            hash(key)
+        except TypeError:
+            key = (topic, repr(thread_id))
+        with self._lock:
+            if key in self._warned:
+                return
+            self._warned[key] = None
+            if len(self._warned) > _WARNED_LIMIT:
+                self._warned.popitem(last=False)
+        log.warning(text, *args)
+
+    def forget_warning(self, topic: str, thread_id: Any) -> None:
+        """Warn again about the thread next time (what was wrong was put right)."""
+        with self._lock:
+            self._warned.pop((topic, thread_id), None)
 
     def seq_recorded(self) -> None:
         """One more seq whose emission gets records."""
@@ -169,8 +208,5 @@ class Recorder:
         return self.conclude(self.make(Outcome.FAILED, thread_name(thread_id), 0, message, reason))
 
 
-def thread_name(thread_id: object) -> Any:
-    """A thread id for a record, even when the id given was not a usable one."""
-    if thread_id is MISSING:
-        return "<missing>"
-    return thread_id if isinstance(thread_id, str) else repr(thread_id)
+thread_name = shown
+"""A thread id for a record, even when the id given was not a usable one."""

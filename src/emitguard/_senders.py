@@ -17,12 +17,22 @@ from typing import Any
 
 from emitguard import transport
 from emitguard._delivery import UNCONFIRMED
+from emitguard._ids import names_no_thread
 from emitguard._pipeline import CONNECTED, Pipeline
 from emitguard._recorder import thread_name
 from emitguard._table import ThreadTable
 from emitguard._telemetry import SEND
-from emitguard.calls import MISSING, Arg, Call, Rebind, Verdict, WraptWrapper, judge, judge_error
-from emitguard.records import event_type_of
+from emitguard.calls import (
+    MISSING,
+    AnyOf,
+    Arg,
+    Call,
+    Rebind,
+    Verdict,
+    WraptWrapper,
+    judge,
+    judge_error,
+)
 from emitguard.transport import PROBE, Probe
 
 __all__ = ["Senders"]
@@ -36,10 +46,13 @@ class Senders:
         self._table = table
         self._slots = table.slots
 
-    def sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+    def sender(self, thread: Arg | AnyOf, message: Arg, kind: Arg | None = None) -> WraptWrapper:
         """A wrapt wrapper guarding an async send whose arguments sit at ``thread`` and
-        ``message``: the plain fast path, else :meth:`send_call`."""
+        ``message`` (and its event type at ``kind``, when the call names it apart): the plain
+        fast path, else :meth:`send_call`."""
         pipeline, send_call, rebind = self._pipeline, self.send_call, message.replace
+        if kind is not None or pipeline.delivery.accept is not None:
+            return self._general(thread, message, kind)
         recheck = self._table.lines.recheck
         t_index, m_index = thread.reach, message.reach
         width = max(t_index, m_index) if t_index < sys.maxsize > m_index else sys.maxsize
@@ -64,7 +77,13 @@ class Senders:
                 slot = pipeline.fast.get(thread_id)  # empty unless the plain path may serve
             except TypeError:  # unhashable: rejected by send_call
                 slot = None
-            if slot is None or slot.state is not CONNECTED or slot.backlog or payload is None:
+            if (
+                slot is None
+                or slot.state is not CONNECTED
+                or slot.backlog
+                or payload is None
+                or thread_id.__class__ is bool  # True == 1: never thread 1's slot
+            ):
                 return await send_call(thread_id, payload, wrapped, args, kwargs, rebind)
             try:
                 slot.line.pop()  # take the thread's line (atomic)
@@ -94,7 +113,32 @@ class Senders:
 
         return guarded_send
 
-    def sync_sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+    def _general(self, thread: Arg | AnyOf, message: Arg, kind: Arg | None) -> WraptWrapper:
+        """:meth:`sender` without the plain fast path: for a send whose event type is an
+        argument of its own (each call's type is read for its records), or whose result the
+        app judges (the ``verdict`` option)."""
+        send_call, rebind = self.send_call, message.replace
+
+        async def guarded_send(
+            wrapped: Callable[..., Awaitable[Any]],
+            instance: Any,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+        ) -> bool:
+            thread_id, payload = thread.pick(args, kwargs), message.pick(args, kwargs)
+            name = None
+            if kind is not None:
+                if payload is MISSING:  # an event with no data: emit("done", to=room)
+                    payload = None
+                event_type = kind.pick(args, kwargs)
+                name = event_type if isinstance(event_type, str) else None
+            return await send_call(thread_id, payload, wrapped, args, kwargs, rebind, name)
+
+        return guarded_send
+
+    def sync_sender(
+        self, thread: Arg | AnyOf, message: Arg, kind: Arg | None = None
+    ) -> WraptWrapper:
         """:meth:`sender` for a synchronous send (it never waits on the barrier)."""
         send, rebind = self.send_sync_call, message.replace
 
@@ -105,7 +149,11 @@ class Senders:
             kwargs: dict[str, Any],
         ) -> bool:
             thread_id, payload = thread.pick(args, kwargs), message.pick(args, kwargs)
-            return send(thread_id, payload, wrapped, args, kwargs, rebind)
+            event_type = kind.pick(args, kwargs) if kind is not None else None
+            name = event_type if isinstance(event_type, str) else None
+            if payload is MISSING and kind is not None:  # an event with no data
+                payload = None
+            return send(thread_id, payload, wrapped, args, kwargs, rebind, name)
 
         return guarded_send
 
@@ -117,14 +165,21 @@ class Senders:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         rebind: Rebind,
+        kind: str | None = None,
     ) -> bool:
         """A guarded async send: the original is ``fn(*args, **kwargs)``, and
         ``rebind(args, kwargs, message)`` returns the arguments with another message in them
-        (for seq stamping and for deliveries from the outbox)."""
+        (for seq stamping and for deliveries from the outbox). ``kind``: the event type, when
+        the call names it apart from the message.
+
+        A send naming no thread (``thread_id`` ``None`` or missing: a broadcast) is handed
+        to the original unchanged and returns what the original returns (PASSED)."""
         pipeline = self._pipeline
+        if names_no_thread(thread_id) and not pipeline.closed:
+            return await pipeline.passed(message, Call(fn, args, kwargs, rebind, kind))  # type: ignore[no-any-return]
         if pipeline.observed:
-            return await self._observed(thread_id, message, fn, args, kwargs, rebind)
-        return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+            return await self._observed(thread_id, message, fn, args, kwargs, rebind, kind)
+        return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
 
     def send_sync_call(
         self,
@@ -134,11 +189,14 @@ class Senders:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         rebind: Rebind,
+        kind: str | None = None,
     ) -> bool:
         """:meth:`send_call` for a synchronous original."""
-        pipeline, call = self._pipeline, Call(fn, args, kwargs, rebind)
+        pipeline, call = self._pipeline, Call(fn, args, kwargs, rebind, kind)
+        if names_no_thread(thread_id) and not pipeline.closed:
+            return pipeline.passed_sync(message, call)  # type: ignore[no-any-return]
         if pipeline.tel.active:
-            with pipeline.tel.sending(thread_name(thread_id), message):
+            with pipeline.tel.sending(thread_name(thread_id), message, kind=kind):
                 return pipeline.send_sync(thread_id, message, call)
         return pipeline.send_sync(thread_id, message, call)
 
@@ -150,6 +208,7 @@ class Senders:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         rebind: Rebind,
+        kind: str | None = None,
     ) -> bool:
         """The fast path while a listener, telemetry or transport confirmation is active.
 
@@ -168,6 +227,7 @@ class Senders:
             slot = None
         if (
             slot is None
+            or thread_id.__class__ is bool
             or slot.state is not CONNECTED
             or slot.backlog
             or message is None
@@ -176,13 +236,13 @@ class Senders:
             or pipeline.closed
             or not slot.line
         ):
-            with tel.sending(thread_name(thread_id), message):
-                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+            with tel.sending(thread_name(thread_id), message, kind=kind):
+                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
         try:
             slot.line.pop()  # take the thread's line (atomic)
         except IndexError:  # taken since we looked: wait in line on the general path
-            with tel.sending(thread_name(thread_id), message):
-                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind))
+            with tel.sending(thread_name(thread_id), message, kind=kind):
+                return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
         started = time.time_ns() if tel.active or pipeline.listening else 0
         seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
         confirm = pipeline.delivery.confirm
@@ -197,8 +257,9 @@ class Senders:
             finally:
                 if token is not None:
                     transport.close_probe(token)
-            if not result and result is not None:
-                verdict, why = judge(result)
+            accept = pipeline.delivery.accept
+            if (not result and result is not None) if accept is None else not accept(result):
+                verdict, why = judge(result, accept)
             elif (
                 probe is not None
                 and not probe.frames
@@ -206,8 +267,8 @@ class Senders:
             ):
                 verdict, why = Verdict.RETRY, UNCONFIRMED
         except asyncio.CancelledError:  # during the send or its confirmation: keep the event
-            call = Call(fn, args, kwargs, rebind)
-            with tel.sending(slot.thread_id, message, seq, started or None):
+            call = Call(fn, args, kwargs, rebind, kind)
+            with tel.sending(slot.thread_id, message, seq, started or None, kind=kind):
                 await pipeline.failed_fast(
                     slot, seq, message, call, Verdict.RETRY, "cancelled", cancelled=True
                 )
@@ -216,8 +277,8 @@ class Senders:
             verdict, why = judge_error(exc, pipeline.delivery.poison)
             error = exc
         if verdict is not None:
-            call = Call(fn, args, kwargs, rebind)
-            with tel.sending(slot.thread_id, message, seq, started or None, error):
+            call = Call(fn, args, kwargs, rebind, kind)
+            with tel.sending(slot.thread_id, message, seq, started or None, error, kind):
                 return await pipeline.failed_fast(slot, seq, message, call, verdict, why)
         if probe is not None and not probe.owners <= slot.owners:  # a new carrier connection
             for owner in probe.owners - slot.owners:
@@ -227,9 +288,9 @@ class Senders:
         if slot.tickets:
             self._table.lines.recheck(slot)
         if pipeline.listening:  # the record counts it (and tells telemetry)
-            pipeline.delivered_fast(slot, seq, message, started / 1e9)
+            pipeline.delivered_fast(slot, seq, message, started / 1e9, kind)
         if tel.active:  # (off when only a listener or confirmation brought the send here)
-            event_type = event_type_of(message)
+            event_type = kind if kind is not None else tel.type_of(message)
             if not pipeline.listening:
                 tel.delivered(event_type)
             span = tel.start(

@@ -64,6 +64,7 @@ class ThreadSlot:
         "thread_id",
         "tickets",
         "timed_out",
+        "warned",
     )
 
     def __init__(self, thread_id: Any, seq: int = 0) -> None:
@@ -97,6 +98,9 @@ class ThreadSlot:
         self.retry: Later | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         """The event loop of the last async send that buffered here: flushes run there."""
+        self.warned = False
+        """Its oldest buffered event was logged as past half its TTL (until the backlog
+        empties)."""
         self.freed = False
         """Taken out of the thread table: anyone holding this object looks the thread up again."""
 

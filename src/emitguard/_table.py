@@ -150,6 +150,21 @@ class ThreadTable:
                         del self._owners[key]
             slot.owners.clear()
 
+    def leave(self, slot: ThreadSlot, owner: object) -> bool:
+        """``owner`` no longer carries this one thread (it still carries its others); True
+        when it did carry it."""
+        key = owner_key(owner)
+        with self.mutex:
+            if key not in slot.owners:
+                return False
+            slot.owners.discard(key)
+            threads = self._owners.get(key)
+            if threads is not None:
+                threads.discard(slot.thread_id)
+                if not threads:
+                    del self._owners[key]
+            return True
+
     def owner_gone(self, owner: object) -> list[ThreadSlot]:
         """``owner`` went away: forget it; the slots of the threads it carried, oldest
         association order not implied (sorted by repr for a stable order)."""

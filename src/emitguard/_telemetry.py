@@ -36,7 +36,7 @@ from opentelemetry.trace import (
 from emitguard._metrics import EVENT_TYPE, GUARD, OUTCOME, Instruments, meter_of
 from emitguard._version import __version__
 from emitguard.options import GuardOptions
-from emitguard.records import Emission, event_type_of
+from emitguard.records import Emission, event_reader
 from emitguard.states import Outcome
 
 __all__ = ["FLUSH", "SEND", "Scope", "Telemetry"]
@@ -129,6 +129,7 @@ class Telemetry:
         "span_hook",
         "template",
         "tracer",
+        "type_of",
     )
 
     def __init__(
@@ -147,6 +148,7 @@ class Telemetry:
         self.template = options.destination_template
         self._names = {op: f"{op} {self.template}" for op in (SEND, FLUSH, EXPIRE, DROP, FAIL)}
         self.span_hook: SpanHook | None = options.span_hook
+        self.type_of = event_reader(options.event_type)
         self._hook_failed = False
         self._tracing, self._metrics = options.tracing, options.metrics
         self._traced_by: TracerProvider | None = None
@@ -209,7 +211,7 @@ class Telemetry:
     def start(
         self,
         operation: str,
-        thread_id: str,
+        thread_id: Any,
         seq: int = 0,
         event_type: str | None = None,
         link: SpanContext | None = None,
@@ -229,7 +231,7 @@ class Telemetry:
             SYSTEM: "emitguard",
             OPERATION_TYPE: "settle" if settle else "send",
             OPERATION_NAME: operation,
-            DESTINATION: thread_id,
+            DESTINATION: str(thread_id),
             TEMPLATE: self.template,
         }
         if seq:
@@ -251,7 +253,7 @@ class Telemetry:
             log.exception("emitguard could not start a span for thread %r", thread_id)
             return None
 
-    def hook(self, span: Span | None, thread_id: str, message: Any) -> None:
+    def hook(self, span: Span | None, thread_id: Any, message: Any) -> None:
         """Run the user's ``span_hook``; its failure is logged, never raised."""
         hook = self.span_hook
         if hook is None or span is None or not span.is_recording():
@@ -266,17 +268,18 @@ class Telemetry:
     @contextlib.contextmanager
     def sending(
         self,
-        thread_id: str,
+        thread_id: Any,
         message: Any,
         seq: int = 0,
         start_time: int | None = None,
         error: Exception | None = None,
+        kind: str | None = None,
     ) -> Iterator[Scope]:
         """Run a send under its span (current meanwhile), ended with the outcome the send
-        concluded with. ``error``: the original already raised it (a failed fast delivery)."""
-        scope = Scope(
-            self.start(SEND, thread_id, seq, event_type_of(message), start_time=start_time)
-        )
+        concluded with. ``error``: the original already raised it (a failed fast delivery);
+        ``kind``: the event type when the call names it apart from the message."""
+        event_type = kind if kind is not None else self.type_of(message)
+        scope = Scope(self.start(SEND, thread_id, seq, event_type, start_time=start_time))
         self.hook(scope.span, thread_id, message)
         if error is not None:
             scope.failed(error)

@@ -9,7 +9,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["MISSING", "Arg", "Call", "Rebind", "Verdict", "WraptWrapper", "judge", "rebind_only"]
+__all__ = [
+    "MISSING",
+    "Accept",
+    "AnyOf",
+    "Arg",
+    "Call",
+    "Rebind",
+    "Verdict",
+    "WraptWrapper",
+    "judge",
+    "rebind_only",
+]
 
 MISSING: Any = object()
 """What :meth:`Arg.pick` returns for an argument the call did not pass."""
@@ -19,6 +30,9 @@ Rebind = Callable[[tuple[Any, ...], dict[str, Any], Any], tuple[tuple[Any, ...],
 
 WraptWrapper = Callable[[Callable[..., Any], Any, tuple[Any, ...], dict[str, Any]], Any]
 """The calling convention of a wrapt wrapper: ``(wrapped, instance, args, kwargs)``."""
+
+Accept = Callable[[Any], bool]
+"""``accept(result)``: whether a send that returned ``result`` (and did not raise) delivered."""
 
 
 @dataclass(frozen=True)
@@ -51,18 +65,64 @@ class Arg:
         return args, {**kwargs, str(self.name): value}
 
 
-class Call:
-    """A deferred call of the original send with a given message: ``call(message)``."""
+@dataclass(frozen=True)
+class AnyOf:
+    """One argument that a call may pass under any of several parameters (aliases, e.g.
+    python-socketio's ``emit(..., to=None, room=None)``): the first one passed and not
+    ``None`` counts."""
 
-    __slots__ = ("args", "fn", "kwargs", "rebind")
+    args: tuple[Arg, ...]
+
+    @property
+    def reach(self) -> int:
+        """Always ``sys.maxsize``: every call is looked at through :meth:`pick`."""
+        return sys.maxsize
+
+    def pick(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The first alias's value that is neither missing nor ``None``; ``None`` when one
+        was passed as ``None``, else :data:`MISSING`."""
+        found: Any = MISSING
+        for arg in self.args:
+            value = arg.pick(args, kwargs)
+            if value is MISSING:
+                continue
+            if value is not None:
+                return value
+            found = None
+        return found
+
+    def replace(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], value: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The call's arguments with the first alias passed set to ``value``."""
+        for arg in self.args:
+            if arg.pick(args, kwargs) not in (MISSING, None):
+                return arg.replace(args, kwargs, value)
+        return self.args[0].replace(args, kwargs, value)
+
+
+class Call:
+    """A deferred call of the original send with a given message: ``call(message)``.
+
+    ``kind``: the event type when the call names it in an argument of its own (``emit(event,
+    data, room)``); ``None`` to read it from the message.
+    """
+
+    __slots__ = ("args", "fn", "kind", "kwargs", "rebind")
 
     def __init__(
-        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], rebind: Rebind
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+        kind: str | None = None,
     ) -> None:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.rebind = rebind
+        self.kind = kind
 
     def __call__(self, message: Any) -> Any:
         args, kwargs = self.rebind(self.args, self.kwargs, message)
@@ -89,11 +149,16 @@ class Verdict(enum.Enum):
     ``TypeError``): not retried, the thread keeps its state."""
 
 
-def judge(result: Any) -> tuple[Verdict, str | None]:
-    """The verdict on a send that returned ``result``."""
-    if result or result is None:
+def judge(result: Any, accept: Accept | None = None) -> tuple[Verdict, str | None]:
+    """The verdict on a send that returned ``result``: by default a truthy value or ``None``
+    delivered; with ``accept`` (the guard's ``verdict`` option), what it says."""
+    if accept is None:
+        if result or result is None:
+            return Verdict.OK, None
+        return Verdict.RETRY, f"send returned {result!r}"
+    if accept(result):
         return Verdict.OK, None
-    return Verdict.RETRY, f"send returned {result!r}"
+    return Verdict.RETRY, f"send returned {result!r} (not delivered, says the verdict option)"
 
 
 def judge_error(exc: BaseException, poison: tuple[type[BaseException], ...]) -> tuple[Verdict, str]:

@@ -20,7 +20,7 @@ import atexit
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from emitguard import _live, hooks, transport
 from emitguard._delivery import Delivery
 from emitguard._flow import Flow
 from emitguard._history import Replay, ReplayWindow
+from emitguard._ids import id_problem
 from emitguard._loops import Signal
 from emitguard._pipeline import Pipeline
 from emitguard._recorder import Recorder
@@ -35,7 +36,7 @@ from emitguard._senders import Senders
 from emitguard._slot import ThreadSlot
 from emitguard._table import ThreadTable
 from emitguard._telemetry import Telemetry
-from emitguard.calls import Arg, WraptWrapper, rebind_only
+from emitguard.calls import AnyOf, Arg, WraptWrapper, rebind_only
 from emitguard.options import GuardOptions
 from emitguard.outbox import MemoryOutbox, Outbox, OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
@@ -96,7 +97,7 @@ class Guard:
             idle_limit=opts.idle_threads,
         )
         self._recorder = Recorder(self, self._tel, self._window, strict=opts.strict)
-        self._delivery = Delivery(self._tel, opts.poison, self._adopt)
+        self._delivery = Delivery(self._tel, opts.poison, self._adopt, opts.verdict)
         self._flow = Flow(opts, self.outbox, self._table, self._recorder, self._delivery, self._tel)
         self._pipeline = Pipeline(
             opts, self._table, self._recorder, self._flow, self._delivery, self._tel
@@ -140,7 +141,7 @@ class Guard:
     # ------------------------------------------------------------------ sends
 
     def send(
-        self, thread_id: str, message: Any, deliver: AsyncDeliver
+        self, thread_id: Hashable, message: Any, deliver: AsyncDeliver
     ) -> Coroutine[Any, Any, bool]:
         """Emit ``message`` to ``thread_id`` through ``deliver(message)``, the original async
         send (returns a coroutine to await).
@@ -153,20 +154,24 @@ class Guard:
             thread_id, message, deliver, (message,), _NO_KWARGS, rebind_only
         )
 
-    def send_sync(self, thread_id: str, message: Any, deliver: SyncDeliver) -> bool:
+    def send_sync(self, thread_id: Hashable, message: Any, deliver: SyncDeliver) -> bool:
         """Like :meth:`send` for a synchronous original; never waits on the barrier."""
         return self._senders.send_sync_call(
             thread_id, message, deliver, (message,), _NO_KWARGS, rebind_only
         )
 
-    def sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+    def sender(self, thread: Arg | AnyOf, message: Arg, kind: Arg | None = None) -> WraptWrapper:
         """A wrapt wrapper ``(wrapped, instance, args, kwargs)`` that guards an async send
-        whose thread and message arguments sit at ``thread`` and ``message``."""
-        return self._senders.sender(thread, message)
+        whose thread and message arguments sit at ``thread`` (one argument, or aliases) and
+        ``message``; ``kind``: where the event type sits when the call names it apart from
+        the message (``emit(event, data, room)``)."""
+        return self._senders.sender(thread, message, kind)
 
-    def sync_sender(self, thread: Arg, message: Arg) -> WraptWrapper:
+    def sync_sender(
+        self, thread: Arg | AnyOf, message: Arg, kind: Arg | None = None
+    ) -> WraptWrapper:
         """:meth:`sender` for a synchronous send (it never waits on the barrier)."""
-        return self._senders.sync_sender(thread, message)
+        return self._senders.sync_sender(thread, message, kind)
 
     @property
     def send_call(self) -> Callable[..., Coroutine[Any, Any, bool]]:
@@ -181,7 +186,7 @@ class Guard:
 
     # ------------------------------------------------------- thread lifecycle
 
-    def mark_connected(self, thread_id: str, owner: object = None) -> None:
+    def mark_connected(self, thread_id: Hashable, owner: object = None) -> None:
         """The thread is associated with a live connection (of ``owner``, if given).
 
         Wakes every send waiting on the barrier and flushes the outbox before newer sends.
@@ -192,7 +197,7 @@ class Guard:
         serving = transport.serving_owner()
         self._associate(thread_id, serving if serving is not None else owner)
 
-    def _associate(self, thread_id: str, owner: object) -> None:
+    def _associate(self, thread_id: Hashable, owner: object) -> None:
         self._flow.here()
         table = self._table
         with table.mutex:
@@ -214,7 +219,7 @@ class Guard:
         if slot.backlog:
             self._flow.schedule(slot)
 
-    def mark_disconnected(self, thread_id: str, reason: str = "marked disconnected") -> None:
+    def mark_disconnected(self, thread_id: Hashable, reason: str = "marked disconnected") -> None:
         """The thread has no live connection: sends buffer at once until it is associated."""
         check_thread_id(thread_id)
         table = self._table
@@ -226,7 +231,7 @@ class Guard:
         slot.wake_ready(False)
         table.settled(slot)
 
-    def mark_error(self, thread_id: str, error: BaseException | str) -> None:
+    def mark_error(self, thread_id: Hashable, error: BaseException | str) -> None:
         """The association of the thread raised: sends buffer at once."""
         check_thread_id(thread_id)
         note = (
@@ -241,12 +246,12 @@ class Guard:
         slot.wake_ready(False)
         table.settled(slot)
 
-    def disconnect_owner(self, owner: object, reason: str | None = None) -> list[str]:
+    def disconnect_owner(self, owner: object, reason: str | None = None) -> list[Hashable]:
         """``owner`` went away: its threads that no other owner carries are disconnected.
 
         Returns the threads that were disconnected.
         """
-        gone: list[str] = []
+        gone: list[Hashable] = []
         table = self._table
         for slot in table.owner_gone(owner):
             with table.mutex:
@@ -255,6 +260,24 @@ class Guard:
                     table.set_state(slot, ConnectionState.DISCONNECTED, note)
                     gone.append(slot.thread_id)
             table.settled(slot)
+        return gone
+
+    def leave(self, thread_id: Hashable, owner: object, reason: str | None = None) -> bool:
+        """``owner`` leaves one thread (a socket leaving a room), keeping its others: the
+        thread is disconnected when no other owner carries it. Returns True when that
+        disconnected it."""
+        check_thread_id(thread_id)
+        table = self._table
+        slot = table.get(thread_id)
+        if slot is None:
+            return False
+        gone = False
+        with table.mutex:
+            if table.leave(slot, owner) and not slot.owners and slot.state is CONNECTED:
+                note = reason or f"owner {owner!r} left the thread"
+                table.set_state(slot, ConnectionState.DISCONNECTED, note)
+                gone = True
+        table.settled(slot)
         return gone
 
     def confirm_deliveries(self, timeout: float | None = 0.05) -> None:
@@ -280,7 +303,7 @@ class Guard:
 
     # ------------------------------------------------------------- replay
 
-    def replay(self, thread_id: str, after: int) -> Replay:
+    def replay(self, thread_id: Hashable, after: int) -> Replay:
         """What a client that last saw ``seq == after`` missed of the thread's delivered
         messages, from the replay window (option ``history``). Call it inside :meth:`hold`
         so that no send slips in between the replay and the client's attachment."""
@@ -291,8 +314,16 @@ class Guard:
         latest = slot.seq if slot is not None else self._window.latest(thread_id)
         return self._window.replay(thread_id, after, latest)
 
+    def last_seq(self, thread_id: Hashable) -> int:
+        """The last ``seq`` given to an emission of the thread (0: none yet): a client that
+        joins now has seen nothing after it."""
+        slot = self._table.get(thread_id)
+        if slot is not None:
+            return slot.seq
+        return self._window.latest(thread_id) if self._window is not None else 0
+
     @contextlib.asynccontextmanager
-    async def hold(self, thread_id: str) -> AsyncIterator[None]:
+    async def hold(self, thread_id: Hashable) -> AsyncIterator[None]:
         """Hold the thread's line: no delivery or flush of the thread runs meanwhile (sends
         wait their turn, in order). For replaying to a client before it goes live.
 
@@ -327,7 +358,7 @@ class Guard:
         finally:
             self._flow.leave(slot)
 
-    def subscribe(self, thread_id: str, *, maxsize: int = 1000) -> Subscription:
+    def subscribe(self, thread_id: Hashable, *, maxsize: int = 1000) -> Subscription:
         """Open a :class:`~emitguard.Subscription` to the thread's deliveries (for a fallback
         transport such as Server-Sent Events). It counts as a connection of the thread: the
         thread is associated now (its outbox flushes to it), and disconnected when the last
@@ -344,7 +375,7 @@ class Guard:
         self._associate(thread_id, subscription)  # the subscription owns it, not a connection
         return subscription
 
-    def end_subscriptions(self, thread_id: str, reason: str = "ended by the server") -> int:
+    def end_subscriptions(self, thread_id: Hashable, reason: str = "ended by the server") -> int:
         """Close every subscription of the thread (their clients reconnect and resume);
         returns how many were open."""
         slot = self._table.get(thread_id)
@@ -353,7 +384,7 @@ class Guard:
             subscription.close(reason)
         return len(open_ones)
 
-    def subscribers(self, thread_id: str) -> int:
+    def subscribers(self, thread_id: Hashable) -> int:
         """How many subscriptions of the thread are open."""
         slot = self._table.get(thread_id)
         return len(slot.subscribers) if slot is not None else 0
@@ -375,16 +406,16 @@ class Guard:
         provider it uses and the option for it is on (see ``docs/tracing.md``)."""
         return self._tel.active
 
-    def state(self, thread_id: str) -> ConnectionState:
+    def state(self, thread_id: Hashable) -> ConnectionState:
         """The thread's state (``CONNECTING`` for a thread the guard does not hold)."""
         slot = self._table.get(thread_id)
         return slot.state if slot is not None else ConnectionState.CONNECTING
 
-    def threads(self) -> Iterator[str]:
+    def threads(self) -> Iterator[Hashable]:
         """Every thread the guard holds state for."""
         return iter(list(self._table.slots))
 
-    async def wait_ready(self, thread_id: str, timeout: float | None = None) -> bool:
+    async def wait_ready(self, thread_id: Hashable, timeout: float | None = None) -> bool:
         """Wait until the thread is associated; False when ``timeout`` (default
         ``ready_timeout``) passes first. Agent executors await this before they start."""
         check_thread_id(thread_id)
@@ -414,7 +445,7 @@ class Guard:
         }
         return GuardStats(outcomes, pending, states, waiting)
 
-    async def pending(self, thread_id: str | None = None) -> list[OutboxEntry]:
+    async def pending(self, thread_id: Hashable | None = None) -> list[OutboxEntry]:
         """The buffered entries of one thread, or of every thread, oldest first."""
         if thread_id is not None:
             return await self.outbox.entries(thread_id)
@@ -446,9 +477,11 @@ class Guard:
 
 
 def check_thread_id(thread_id: object) -> None:
-    """Raise :class:`ValueError` unless ``thread_id`` is a non-empty str."""
-    if not isinstance(thread_id, str) or not thread_id:
-        raise ValueError(f"thread_id must be a non-empty str, got {thread_id!r}")
+    """Raise :class:`ValueError` unless ``thread_id`` is a usable thread id (any hashable
+    but ``None``, a ``bool`` or an empty ``str``: see :mod:`emitguard._ids`)."""
+    bad = id_problem(thread_id)
+    if bad is not None:
+        raise ValueError(bad)
 
 
 def live_guards() -> list[Guard]:

@@ -7,6 +7,7 @@ An adapter turns a concrete stack's calls into engine calls (see ``docs/concepts
   send's thread and message sit in a call, and the wrapt calling convention
   (:meth:`emitguard.Guard.sender` returns such a wrapper);
 - :class:`Verdict`, :func:`judge`: how a send's result is judged;
+- :func:`thread_id_problem`: why a value is not a usable thread id (the one rule);
 - :mod:`emitguard.transport`: delivery confirmation and the connection being served;
 - the ``emitguard_adapt`` hook (:mod:`emitguard.hooks`) and the ``emitguard`` entry-point group.
 """
@@ -14,8 +15,9 @@ An adapter turns a concrete stack's calls into engine calls (see ``docs/concepts
 from __future__ import annotations
 
 from emitguard import transport
+from emitguard._ids import id_problem as thread_id_problem
 from emitguard.api import check_same_options
-from emitguard.calls import MISSING, Arg, Call, Rebind, Verdict, WraptWrapper, judge
+from emitguard.calls import MISSING, AnyOf, Arg, Call, Rebind, Verdict, WraptWrapper, judge
 from emitguard.engine import GUARD_ARGUMENTS
 from emitguard.hooks import ENTRY_POINT_GROUP, hookspec
 
@@ -23,6 +25,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "GUARD_ARGUMENTS",
     "MISSING",
+    "AnyOf",
     "Arg",
     "Call",
     "Rebind",
@@ -31,5 +34,6 @@ __all__ = [
     "check_same_options",
     "hookspec",
     "judge",
+    "thread_id_problem",
     "transport",
 ]

@@ -7,13 +7,15 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
-__all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "GuardOptions"]
+__all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "VERDICTS", "GuardOptions"]
 
 OverflowPolicy = Literal["drop_oldest", "drop_newest", "reject"]
 UnreadyPolicy = Literal["wait", "buffer"]
 
 OVERFLOW_POLICIES: tuple[str, ...] = ("drop_oldest", "drop_newest", "reject")
 UNREADY_POLICIES: tuple[str, ...] = ("wait", "buffer")
+VERDICTS: tuple[str, ...] = ("none_is_failure",)
+"""Named values of the ``verdict`` option."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +40,26 @@ class GuardOptions:
     """What a full outbox does with a new event."""
     protect: frozenset[str] = frozenset()
     """Event types never evicted by ``drop_oldest``/``drop_newest``."""
-    stamp_seq: str | None = None
-    """Key under which ``seq`` is stamped into dict messages (a copy); ``None``: no stamp."""
+    stamp_seq: str | Callable[[Any, int], Any] | None = None
+    """Key under which ``seq`` is stamped into dict messages (a copy); or a callable
+    ``stamp(message, seq) -> message`` that returns the message to send (adapters whose
+    messages are not dicts); ``None``: no stamp."""
     strict: bool = False
     """Raise :class:`~emitguard.EmissionError` instead of returning falsy."""
     poison: tuple[type[BaseException], ...] = (TypeError, ValueError)
     """Exceptions from the original send that mean the message itself cannot be sent (it does
     not serialise, the call is wrong): such an event is FAILED at once instead of being kept
     and retried, and the thread keeps its state."""
+    verdict: Callable[[Any], bool] | str | None = None
+    """What the original send's result means when it did not raise: ``None`` (the default)
+    takes a truthy value or ``None`` as delivered; ``"none_is_failure"`` takes only a truthy
+    value (for a send that swallows a closed socket and returns ``None``); a callable
+    ``verdict(result) -> bool`` decides itself (its exceptions are logged, and the result is
+    then taken as delivered)."""
+    event_type: Callable[[Any], str | None] | None = None
+    """``event_type(message)``: the event type of a message, for records, spans and
+    ``protect``; ``None`` reads a mapping's ``"type"`` key or a ``type`` attribute. Its
+    exceptions are logged and the type is then unknown."""
     history: int = 0
     """Delivered messages kept per thread for :meth:`~emitguard.Guard.replay` (a client that
     reconnects gets what it missed); 0 keeps none."""
@@ -87,10 +101,15 @@ class GuardOptions:
             _number("ttl", self.ttl, allow_zero=False)
         _choice("overflow", self.overflow, OVERFLOW_POLICIES)
         object.__setattr__(self, "protect", _event_types(self.protect))
-        if self.stamp_seq is not None and (
-            not isinstance(self.stamp_seq, str) or not self.stamp_seq
+        if (
+            self.stamp_seq is not None
+            and not callable(self.stamp_seq)
+            and (not isinstance(self.stamp_seq, str) or not self.stamp_seq)
         ):
-            raise ValueError(f"stamp_seq must be a non-empty key or None, got {self.stamp_seq!r}")
+            raise ValueError(
+                f"stamp_seq must be a non-empty key, a callable(message, seq) or None, "
+                f"got {self.stamp_seq!r}"
+            )
         object.__setattr__(self, "poison", _exception_types(self.poison))
         for flag in ("strict", "tracing", "metrics"):
             if not isinstance(getattr(self, flag), bool):
@@ -98,6 +117,15 @@ class GuardOptions:
         if not isinstance(self.destination_template, str) or not self.destination_template:
             raise ValueError(
                 f"destination_template must be a non-empty str, got {self.destination_template!r}"
+            )
+        if not (self.verdict is None or callable(self.verdict) or self.verdict in VERDICTS):
+            raise ValueError(
+                f"verdict must be None, 'none_is_failure' or a callable(result) -> bool; "
+                f"got {self.verdict!r}"
+            )
+        if self.event_type is not None and not callable(self.event_type):
+            raise TypeError(
+                f"event_type must be a callable(message) -> str or None, got {self.event_type!r}"
             )
         if self.span_hook is not None and not callable(self.span_hook):
             raise TypeError(f"span_hook must be callable or None, got {self.span_hook!r}")

@@ -13,7 +13,7 @@ import bisect
 import dataclasses
 import inspect
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Hashable
 from typing import Any
 
 __all__ = ["MemoryOutbox", "Outbox", "OutboxEntry"]
@@ -26,7 +26,7 @@ Deliver = Callable[[Any], Any]
 class OutboxEntry:
     """One buffered emission."""
 
-    thread_id: str
+    thread_id: Hashable
     seq: int
     message: Any
     event_type: str | None
@@ -74,17 +74,17 @@ class Outbox(abc.ABC):
         """Store ``entry`` in its thread, in ``seq`` order (usually at the end)."""
 
     @abc.abstractmethod
-    async def head(self, thread_id: str) -> OutboxEntry | None:
+    async def head(self, thread_id: Hashable) -> OutboxEntry | None:
         """The oldest entry of a thread, without removing it."""
 
     @abc.abstractmethod
-    async def remove(self, thread_id: str, seq: int) -> bool:
+    async def remove(self, thread_id: Hashable, seq: int) -> bool:
         """Remove one entry (after delivery); False when it was not there."""
 
     @abc.abstractmethod
     async def evict_oldest(
         self,
-        thread_id: str | None,
+        thread_id: Hashable | None,
         protect: Collection[str],
         in_flight: Collection[tuple[str, int]] = (),
     ) -> OutboxEntry | None:
@@ -96,12 +96,12 @@ class Outbox(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def expire(self, thread_id: str, created_before: float) -> list[OutboxEntry]:
+    async def expire(self, thread_id: Hashable, created_before: float) -> list[OutboxEntry]:
         """Remove and return the thread's entries created before ``created_before``
         (``time.monotonic()`` clock)."""
 
     @abc.abstractmethod
-    async def entries(self, thread_id: str) -> list[OutboxEntry]:
+    async def entries(self, thread_id: Hashable) -> list[OutboxEntry]:
         """Every entry of a thread, oldest first (for inspection and reports)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from emitguard.states import Outcome
 
-__all__ = ["Emission", "event_type_of", "make_emission"]
+__all__ = ["Emission", "event_reader", "event_type_of", "make_emission"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -20,12 +21,16 @@ class Emission:
     ``thread_id`` and ``seq``.
     """
 
-    thread_id: str
-    """The destination thread (for a ``REJECTED`` bad id, its ``repr``)."""
+    thread_id: Hashable
+    """The destination thread, as it was given (``str``, ``int``, ``UUID``, ...); for a
+    ``REJECTED`` bad id, its ``repr``; ``None`` for a ``PASSED`` send that named none."""
     seq: int
-    """Per-thread sequence number, 1, 2, 3, ... in call order; 0 when rejected before sequencing."""
+    """Per-thread sequence number, 1, 2, 3, ... in call order; 0 for an emission outside
+    the thread's order (rejected before sequencing, passed through, or sent from inside
+    the association call)."""
     event_type: str | None
-    """The message's ``type`` field, when it has one."""
+    """The event type: the message's ``type`` field by default (see the ``event_type``
+    option)."""
     outcome: Outcome
     reason: str | None = None
     """Why; set for every outcome but ``DELIVERED``."""
@@ -109,3 +114,27 @@ def event_type_of(message: Any) -> str | None:
     else:
         value = getattr(message, "type", None)
     return value if isinstance(value, str) else None
+
+
+def event_reader(custom: Callable[[Any], str | None] | None) -> Callable[[Any], str | None]:
+    """The event-type reader of a guard: ``custom(message)`` (the ``event_type`` option) made
+    safe, or :func:`event_type_of`."""
+    if custom is None:
+        return event_type_of
+    reader = custom
+    failed = False
+
+    def read(message: Any) -> str | None:
+        nonlocal failed
+        try:
+            value = reader(message)
+        except Exception:
+            level = logging.DEBUG if failed else logging.WARNING
+            failed = True
+            logging.getLogger("emitguard").log(
+                level, "emitguard event_type %r raised; type unknown", reader, exc_info=True
+            )
+            return None
+        return value if isinstance(value, str) else None
+
+    return read

@@ -31,7 +31,8 @@ class Outcome(str, enum.Enum):
 
     Every outcome but ``BUFFERED`` is terminal: an emission ends in exactly one of them.
     ``BUFFERED`` says the emission entered the outbox; it is followed later by ``FLUSHED``,
-    ``DROPPED``, ``EXPIRED`` or ``FAILED``.
+    ``DROPPED``, ``EXPIRED`` or ``FAILED``. ``PASSED`` is a send that named no thread (a
+    broadcast): handed to the original unchanged, outside any thread's order (``seq`` 0).
     """
 
     DELIVERED = "delivered"
@@ -41,6 +42,7 @@ class Outcome(str, enum.Enum):
     EXPIRED = "expired"
     FAILED = "failed"
     REJECTED = "rejected"
+    PASSED = "passed"
 
     @property
     def terminal(self) -> bool:
@@ -53,4 +55,4 @@ class Outcome(str, enum.Enum):
         return self in _OK
 
 
-_OK = frozenset({Outcome.DELIVERED, Outcome.FLUSHED, Outcome.BUFFERED})
+_OK = frozenset({Outcome.DELIVERED, Outcome.FLUSHED, Outcome.BUFFERED, Outcome.PASSED})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 
 from emitguard.states import ConnectionState, Outcome
@@ -16,14 +16,19 @@ class GuardStats:
 
     outcomes: Mapping[Outcome, int]
     """How many records of each outcome the guard has made."""
-    pending: Mapping[str, int]
+    pending: Mapping[Hashable, int]
     """Buffered emissions per thread (threads with none are left out)."""
-    states: Mapping[str, ConnectionState] = field(default_factory=dict)
+    states: Mapping[Hashable, ConnectionState] = field(default_factory=dict)
     """The state of every thread the guard holds."""
-    waiting: Mapping[str, int] = field(default_factory=dict)
+    waiting: Mapping[Hashable, int] = field(default_factory=dict)
     """Events handed over that wait for their turn in their thread's line with no sender
     awaiting them (a synchronous send made while the line was busy, a cancelled sender's
     event); each gets its records in its turn. Threads with none are left out."""
+
+    @property
+    def passed_through(self) -> int:
+        """Sends that named no thread (broadcasts), handed to the original unchanged."""
+        return self.outcomes.get(Outcome.PASSED, 0)
 
     @property
     def pending_total(self) -> int:

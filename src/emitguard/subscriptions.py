@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 __all__ = ["Subscription"]
@@ -27,7 +27,7 @@ class Subscription:
     __slots__ = ("_items", "_on_close", "_waiter", "closed", "maxsize", "reason", "thread_id")
 
     def __init__(
-        self, thread_id: str, maxsize: int, on_close: Callable[[Subscription], None]
+        self, thread_id: Hashable, maxsize: int, on_close: Callable[[Subscription], None]
     ) -> None:
         self.thread_id = thread_id
         self.maxsize = maxsize

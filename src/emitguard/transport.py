@@ -10,6 +10,10 @@ two things through context variables:
 - :func:`serving`, around the code that serves one connection: an association made there is
   owned by that connection, so the thread is disconnected when the connection goes (unless
   another live connection carries it).
+
+And one thing from any adapter that wraps an association call: :func:`association`, around
+that call. A send to the same thread made inside it (the manager greeting the connection it
+associates) is delivered at once instead of waiting on the barrier the call is about to open.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar, Token
 
-__all__ = ["Probe", "frame_sent", "serving", "serving_owner"]
+__all__ = ["Probe", "associating", "association", "frame_sent", "serving", "serving_owner"]
 
 
 class Probe:
@@ -76,6 +80,9 @@ PROBE: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
 _watchers: dict[object, set[Probe]] = {}
 """Probes waiting for a frame on a connection (only while a confirmation is late)."""
 _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
+_associating: ContextVar[frozenset[object]] = ContextVar(
+    "emitguard_associating", default=frozenset()
+)
 
 
 def frame_sent(owner: object = None) -> None:
@@ -121,3 +128,24 @@ def serving(owner: object) -> Iterator[None]:
 def serving_owner() -> object:
     """The connection being served here, or ``None``."""
     return _serving.get()
+
+
+@contextlib.contextmanager
+def association(thread_id: object) -> Iterator[None]:
+    """The association call of ``thread_id`` runs inside (tasks it spawns inherit it)."""
+    try:
+        threads = _associating.get() | {thread_id}
+    except TypeError:  # an unhashable id: no send can name it usefully either
+        yield
+        return
+    token = _associating.set(threads)
+    try:
+        yield
+    finally:
+        _associating.reset(token)
+
+
+def associating(thread_id: object) -> bool:
+    """Whether the association call of ``thread_id`` is running in this context."""
+    threads = _associating.get()
+    return bool(threads) and thread_id in threads

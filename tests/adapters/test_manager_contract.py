@@ -427,10 +427,10 @@ async def test_association_with_a_bad_thread_id_is_ignored(
     manager.connect("u1")
 
     with caplog.at_level(logging.WARNING, logger="emitguard.adapters.manager"):
-        assert manager.update_connection_thread("u1", 42) is True  # type: ignore[arg-type]
+        assert manager.update_connection_thread("u1", True) is True  # type: ignore[arg-type]
 
     assert list(guard.threads()) == []
-    assert any("called with thread 42: not a thread id" in r.getMessage() for r in caplog.records)
+    assert any("called with thread True: not a thread id" in r.getMessage() for r in caplog.records)
 
 
 async def test_association_with_an_unhashable_owner_marks_the_thread_connected(

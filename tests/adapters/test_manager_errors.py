@@ -246,13 +246,22 @@ def test_thread_param_position_out_of_range(position: int) -> None:
     assert "from 0 to 1" in message
 
 
-@pytest.mark.parametrize("value", [True, 1.5, None, ("thread_id",)])
+@pytest.mark.parametrize("value", [True, 1.5, None])
 def test_thread_param_must_be_a_name_or_a_position(value: object) -> None:
     with pytest.raises(emitguard.AdapterError) as caught:
         emitguard.guard(ReferenceManager(), thread_param=value)
 
     assert str(caught.value) == (
         f"thread_param must be a parameter name or a position, got {value!r}"
+    )
+
+
+def test_thread_param_aliases_must_name_something() -> None:
+    with pytest.raises(emitguard.AdapterError) as caught:
+        emitguard.guard(ReferenceManager(), thread_param=())
+
+    assert str(caught.value) == (
+        "thread_param must be a parameter name, a position or aliases (a tuple of names), got ()"
     )
 
 
@@ -343,10 +352,9 @@ def test_guard_name_option_is_accepted(guard_target: GuardTarget) -> None:
 
 
 BAD_THREADS = [
-    pytest.param(lambda send: send(None, {"type": "x"}), "NoneType None", id="none"),
-    pytest.param(lambda send: send("", {"type": "x"}), "got ''", id="empty"),
-    pytest.param(lambda send: send(123, {"type": "x"}), "int 123", id="int"),
-    pytest.param(lambda send: send(message={"type": "x"}), "thread_id", id="missing"),
+    pytest.param(lambda send: send("", {"type": "x"}), "got an empty str", id="empty"),
+    pytest.param(lambda send: send(True, {"type": "x"}), "not True", id="bool"),
+    pytest.param(lambda send: send(["t"], {"type": "x"}), "unhashable list", id="unhashable"),
 ]
 
 
@@ -361,9 +369,39 @@ async def test_bad_thread_id_is_rejected_by_async_send(
 
     assert recorded.outcomes() == [Outcome.REJECTED]
     record = recorded.emissions[0]
-    assert "thread_id must be a non-empty str" in (record.reason or "")
+    assert "thread_id must be a hashable id" in (record.reason or "")
     assert reason in (record.reason or "")
     assert manager.lost == 0  # the original was not called
+
+
+async def test_a_send_naming_no_thread_passes_through_unchanged(
+    guard_target: GuardTarget, recorded: Recorder
+) -> None:
+    manager = ReferenceManager()
+    guard = guard_target(manager)
+
+    assert await manager.send_to_thread(None, {"type": "x"}) is False  # the original's result
+    with pytest.raises(TypeError, match="thread_id"):  # the original's own error
+        await manager.send_to_thread(message={"type": "x"})  # type: ignore[call-arg]
+
+    assert recorded.outcomes() == [Outcome.PASSED, Outcome.PASSED]
+    assert recorded.emissions[0].thread_id is None
+    assert manager.lost == 1  # the original was called, at once (no barrier)
+    assert guard.stats().passed_through == 2
+
+
+def test_a_sync_send_naming_no_thread_passes_through_unchanged(
+    guard_target: GuardTarget, recorded: Recorder
+) -> None:
+    manager = SyncReferenceManager()
+    guard = guard_target(manager)
+
+    assert manager.send_to_thread(None, {"type": "x"}) is False
+    with pytest.raises(TypeError, match="thread_id"):
+        manager.send_to_thread(message={"type": "x"})  # type: ignore[call-arg]
+
+    assert recorded.outcomes() == [Outcome.PASSED, Outcome.PASSED]
+    assert guard.stats().passed_through == 2
 
 
 @pytest.mark.parametrize(("call", "reason"), BAD_THREADS)
@@ -379,15 +417,26 @@ def test_bad_thread_id_is_rejected_by_sync_send(
     assert reason in (recorded.emissions[0].reason or "")
 
 
-async def test_rejected_int_thread_is_recorded_by_its_repr(
+async def test_rejected_thread_is_recorded_by_its_repr(
     guard_target: GuardTarget, recorded: Recorder
 ) -> None:
     manager = ReferenceManager()
     guard_target(manager)
+    await manager.send_to_thread(True, {"type": "x"})
+
+    assert recorded.emissions[0].thread_id == "True"
+    assert recorded.emissions[0].seq == 0
+
+
+async def test_int_thread_is_recorded_as_it_was_given(
+    guard_target: GuardTarget, recorded: Recorder
+) -> None:
+    manager = ReferenceManager()
+    guard_target(manager, on_unready="buffer")
     await manager.send_to_thread(123, {"type": "x"})
 
-    assert recorded.emissions[0].thread_id == "123"
-    assert recorded.emissions[0].seq == 0
+    assert recorded.emissions[0].thread_id == 123
+    assert recorded.outcomes() == [Outcome.BUFFERED]
 
 
 async def test_none_message_is_rejected(guard_target: GuardTarget, recorded: Recorder) -> None:
@@ -461,7 +510,7 @@ async def test_strict_mode_raises_emission_error_with_the_record(
 
     assert caught.value.emission is recorded.emissions[0]
     assert caught.value.emission.outcome is Outcome.REJECTED
-    assert "thread_id must be a non-empty str" in str(caught.value)
+    assert "thread_id must be a hashable id" in str(caught.value)
 
 
 def test_strict_mode_raises_from_sync_send(guard_target: GuardTarget) -> None:

@@ -1,0 +1,186 @@
+"""python-socketio guarded vs bare over real sockets, and recovery of missed events.
+
+    python benchmarks/socketio.py [--quick] [--clients N] [--events N] [--rounds N]
+                                  [--missed N]
+
+Throughput: two uvicorn servers run the same python-socketio ``AsyncServer`` app side by side,
+one bare and one guarded with ``guard_server(sio, recovery=True)`` (seq stamping, replay
+window, transport confirmation). In each round N ``AsyncClient``s (websocket transport) join
+their room, then all at once ask for a run of E events emitted to their room and read them
+all; events/s is N*E over the time from that start to the last client done. Rounds alternate
+between the two servers; the figure is the ratio of the medians, guarded / bare (target
+>= 0.9x), with how many rounds met it.
+
+Recovery: a client is away while M events (default 1,000) are emitted to its room (another
+member stays, so they are delivered and land in the replay window); on its return it gets them
+replayed from the window, then a live event. Reported: the time from the reconnect to the
+first live event, and that all M + 1 arrived in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this file's folder comes first on sys.path, and this file's name would
+# shadow the python-socketio package: take the folder off before importing it.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import socketio  # noqa: E402
+
+from emitguard_adapters.socketio import guard_server, recovering  # noqa: E402
+from emitguard_adapters.testing import serve  # noqa: E402
+
+
+def app(events: dict[str, int]) -> socketio.AsyncServer:
+    sio = socketio.AsyncServer(async_mode="asgi")
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        await sio.enter_room(sid, room)
+
+    @sio.event
+    async def start(sid: str, room: str) -> None:
+        for n in range(events["n"]):
+            await sio.emit("tick", {"n": n}, to=room)
+
+    return sio
+
+
+async def one_client(url: str, room: str, events: int, go: asyncio.Event, guarded: bool) -> None:
+    client = socketio.AsyncClient()
+    if guarded:
+        state = recovering(client)
+        auth: Any = state.auth
+    else:
+        auth = None
+    done = asyncio.Event()
+    got = 0
+
+    @client.on("tick")
+    async def tick(data: dict[str, Any]) -> None:
+        nonlocal got
+        got += 1
+        if got == events:
+            done.set()
+
+    await client.connect(url, transports=["websocket"], auth=auth)
+    await client.call("join", room)
+    await go.wait()
+    await client.emit("start", room)
+    await asyncio.wait_for(done.wait(), 60)
+    await client.disconnect()
+
+
+async def round_rate(url: str, clients: int, events: int, guarded: bool) -> float:
+    go = asyncio.Event()
+    tasks = [
+        asyncio.create_task(one_client(url, f"room-{i}", events, go, guarded))
+        for i in range(clients)
+    ]
+    await asyncio.sleep(0.3)  # connected and joined (not timed)
+    started = time.perf_counter()
+    go.set()
+    await asyncio.gather(*tasks)
+    return clients * events / (time.perf_counter() - started)
+
+
+async def throughput(clients: int, events: int, rounds: int) -> None:
+    settings = {"n": events}
+    bare_sio, guarded_sio = app(settings), app(settings)
+    adapter = guard_server(guarded_sio, recovery=True, history=events)
+    rates: dict[str, list[float]] = {"bare": [], "guarded": []}
+    try:
+        async with (
+            serve(socketio.ASGIApp(bare_sio)) as bare,
+            serve(socketio.ASGIApp(guarded_sio)) as guarded,
+        ):
+            for number in range(rounds):
+                order = [("bare", bare), ("guarded", guarded)]
+                for name, address in order if number % 2 == 0 else order[::-1]:
+                    rate = await round_rate(f"http://{address}", clients, events, name == "guarded")
+                    rates[name].append(rate)
+    finally:
+        adapter.unguard()
+        await adapter.guard.aclose()
+    bare_median = statistics.median(rates["bare"])
+    guarded_median = statistics.median(rates["guarded"])
+    met = sum(g >= 0.9 * b for g, b in zip(rates["guarded"], rates["bare"], strict=True))
+    print(f"throughput, {clients} clients x {events} events, {rounds} rounds")
+    print(f"  bare     median {bare_median:9.0f} events/s  {_spread(rates['bare'])}")
+    print(f"  guarded  median {guarded_median:9.0f} events/s  {_spread(rates['guarded'])}")
+    print(
+        f"  guarded / bare = {guarded_median / bare_median:.2f}x "
+        f"(target >= 0.9x; met in {met} of {rounds} rounds)"
+    )
+
+
+async def recovery(missed: int) -> None:
+    sio = app({"n": 0})
+    adapter = guard_server(sio, recovery=True, history=missed + 10, max_disconnection_duration=30)
+    received: list[int] = []
+    live = asyncio.Event()
+    try:
+        async with serve(socketio.ASGIApp(sio)) as address:
+            client = socketio.AsyncClient(reconnection=False)
+            state = recovering(client)
+
+            @client.on("tick")
+            async def tick(data: dict[str, Any]) -> None:
+                received.append(data["n"])
+                if data["n"] == missed:
+                    live.set()
+
+            url = f"http://{address}"
+            observer = socketio.AsyncClient()  # stays in the room: the events are delivered
+            await observer.connect(url, transports=["websocket"])
+            await observer.call("join", "room")
+            await client.connect(url, transports=["websocket"], auth=state.auth)
+            await client.call("join", "room")
+            await client.disconnect()  # away
+            for n in range(missed):
+                await sio.emit("tick", {"n": n}, to="room")  # delivered to the observer
+            started = time.perf_counter()
+            await client.connect(url, transports=["websocket"], auth=state.auth)
+            await sio.emit("tick", {"n": missed}, to="room")  # the first live event
+            await asyncio.wait_for(live.wait(), 60)
+            elapsed = time.perf_counter() - started
+            await client.disconnect()
+            await observer.disconnect()
+    finally:
+        adapter.unguard()
+        await adapter.guard.aclose()
+    in_order = received == list(range(missed + 1))
+    print(f"recovery of {missed} missed events")
+    print(
+        f"  reconnect to first live event: {elapsed * 1000:.1f} ms; "
+        f"recovered={state.recovered}; all {missed + 1} in order: {in_order}"
+    )
+
+
+def _spread(values: list[float]) -> str:
+    return f"(min {min(values):.0f}, max {max(values):.0f})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--events", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--missed", type=int, default=1000)
+    args = parser.parse_args()
+    if args.quick:
+        args.clients, args.events, args.rounds = 5, 50, 2
+    asyncio.run(throughput(args.clients, args.events, args.rounds))
+    asyncio.run(recovery(args.missed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The python-socketio adapter over real servers and clients on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import pytest
+import socketio
+from socketio_support import abort, client, running, until
+
+from emitguard import ConnectionState, Outcome
+from emitguard_adapters.socketio import guard_server, recovering
+
+
+async def test_rooms_broadcasts_sid_rooms_and_namespaces() -> None:
+    sio = socketio.AsyncServer(async_mode="asgi")
+    guarded = guard_server(sio, ready_timeout=0.5)
+    got: list[tuple[str, Any]] = []
+
+    @sio.event
+    async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+        started = time.monotonic()
+        await sio.emit("welcome", {"sid": sid}, to=sid)  # its own room, inside connect
+        assert time.monotonic() - started < 0.05  # the framework entered it: no wait
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        await sio.enter_room(sid, room)
+
+    async with running(sio) as url:
+        early = asyncio.create_task(sio.emit("token", {"n": 1}, to="r1"))  # nobody in r1
+        c = client()
+        c.on("*", lambda event, *args: got.append((event, args[0] if args else None)))
+        await c.connect(url, transports=["websocket"])
+        await c.emit("join", "r1")
+        await early
+        await sio.emit("token", {"n": 2}, room="r1")
+        await sio.emit("news", "all")  # a broadcast: passed through
+        await sio.emit("token", {"n": 3}, to="r1", namespace="/other")  # another namespace
+        await until(lambda: len(got) >= 4)
+        await c.disconnect()
+    events = [(e, d) for e, d in got if e != "welcome"]
+    assert events == [("token", {"n": 1}), ("token", {"n": 2}), ("news", "all")]
+    assert guarded.guard.stats().passed_through == 1
+    assert guarded.guard.state(("/", "r1")) is ConnectionState.DISCONNECTED  # the member left
+    assert guarded.guard.stats().pending == {("/other", "r1"): 1}  # nobody there: kept
+    guarded.unguard()
+    await guarded.guard.aclose()
+    assert "emit" not in vars(sio)
+
+
+async def test_an_emit_into_a_room_whose_socket_is_gone_is_kept() -> None:
+    sio = socketio.AsyncServer(async_mode="asgi")
+    guarded = guard_server(sio, retry_backoff=())
+    rooms: dict[str, str] = {}
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        rooms[sid] = room
+        await sio.enter_room(sid, room)
+
+    async with running(sio) as url:
+        got: list[Any] = []
+        c = client(reconnection=False)
+        c.on("token", got.append)
+        await c.connect(url, transports=["websocket"])
+        await c.emit("join", "r1")
+        await until(lambda: guarded.guard.state(("/", "r1")) is ConnectionState.CONNECTED)
+        sid = next(iter(rooms))
+        eio_sid = sio.manager.eio_sid_from_sid(sid, "/")
+        sio.eio.sockets[eio_sid].closed = True  # gone, before socketio heard of it
+        await sio.emit("token", 1, to="r1")
+        stats = guarded.guard.stats()
+        assert stats.pending_total == 1  # kept, not counted as delivered
+        assert stats.outcomes[Outcome.DELIVERED] == 0
+        assert got == []
+        await c.disconnect()
+    guarded.unguard()
+    await guarded.guard.aclose()
+
+
+@pytest.mark.parametrize("shape", ["sid-room-replay", "join-handler"])
+async def test_shapes_thirty_conversations_every_third_client_dropping(shape: str) -> None:
+    guarded_lost, connects = await conversations(shape, guarded=True)
+    unguarded_lost, _ = await conversations(shape, guarded=False)
+    print(
+        f"\nsocketio {shape}: unguarded lost {unguarded_lost} of 450, guarded lost "
+        f"{guarded_lost}; connect max {max(connects) * 1000:.1f} ms"
+    )
+    assert guarded_lost == 0
+    assert unguarded_lost > 0
+    assert max(connects) < 0.050
+
+
+RUNS, EVENTS, DROP_AT = 30, 15, 5
+
+
+async def conversations(shape: str, *, guarded: bool) -> tuple[int, list[float]]:
+    """30 conversations x 15 events: each agent emits to its room from the start, its client
+    connects a moment later and joins; every third client's transport is killed after 5
+    events and it reconnects. Returns the events lost (after seq dedupe) and the connect
+    handler times."""
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, ready_timeout=2.0) if guarded else None
+    connects: list[float] = []
+    history: dict[str, list[int]] = {}
+
+    @sio.event
+    async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+        started = time.perf_counter()
+        if shape == "sid-room-replay":  # replay to the client's own sid room, before it joins
+            await sio.emit("hello", {"replayed": len(history)}, to=sid)
+        connects.append(time.perf_counter() - started)
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        await sio.enter_room(sid, room)
+        if shape == "join-handler":
+            await sio.emit("joined", room, to=sid)
+
+    async def agent(room: str) -> None:
+        for n in range(1, EVENTS + 1):
+            await sio.emit("agent_event", {"n": n}, to=room)
+            await asyncio.sleep(0.01)
+
+    async def conversation(url: str, index: int) -> list[int]:
+        room = f"conv-{index}"
+        received: list[int] = []
+        c = client()
+        state = recovering(c) if guarded else None
+        first = True
+
+        @c.event
+        async def connect() -> None:
+            nonlocal first
+            if first or not guarded:  # a plain app re-joins; a recovered one is back in
+                first = False
+                await c.emit("join", room)
+
+        @c.on("agent_event")
+        async def on_event(data: dict[str, Any]) -> None:
+            received.append(data["n"])
+            if index % 3 == 0 and len(received) == DROP_AT:
+                abort(c)
+
+        work = asyncio.create_task(agent(room))
+        await asyncio.sleep(0.005 * (index % 6))  # the agent starts first
+        auth = state.auth if state is not None else None
+        await c.connect(url, transports=["websocket"], auth=auth)
+        await work
+        with contextlib.suppress(AssertionError):  # unguarded, some never come
+            await until(lambda: len(set(received)) >= EVENTS, timeout=3.0)
+        await c.disconnect()
+        assert received == sorted(received), received  # in order, no duplicates
+        return received
+
+    try:
+        async with running(sio) as url:
+            results = await asyncio.gather(*(conversation(url, i) for i in range(RUNS)))
+            if adapter is not None:
+                assert await adapter.guard.drain(2.0) == 0
+    finally:
+        if adapter is not None:
+            adapter.unguard()
+    lost = sum(EVENTS - len(set(r)) for r in results)
+    duplicates = sum(len(r) - len(set(r)) for r in results)
+    assert duplicates == 0
+    return lost, connects
+
+
+async def test_recovery_replays_what_a_client_missed_in_order() -> None:
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=500, max_disconnection_duration=5.0)
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        await sio.enter_room(sid, room)
+
+    async with running(sio) as url:
+        received: list[int] = []
+        c = client(reconnection_delay=2.0, reconnection_delay_max=2.0)
+        state = recovering(c)
+        c.on("tick", lambda data: received.append(data["n"]))
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        await c.emit("join", "room-1")
+        await until(lambda: adapter.guard.state(("/", "room-1")) is ConnectionState.CONNECTED)
+        await sio.emit("tick", {"n": 0}, to="room-1")
+        await until(lambda: received == [0])
+        abort(c)  # away for 2 s (the reconnection delay)
+        await until(lambda: adapter.guard.state(("/", "room-1")) is not ConnectionState.CONNECTED)
+        for n in range(1, 101):
+            await sio.emit("tick", {"n": n}, to="room-1")
+        await until(lambda: len(received) >= 101, timeout=6.0)
+        assert state.recovered is True
+        assert received == list(range(101))
+        assert state.duplicates == 0
+        await c.disconnect()
+    adapter.unguard()
+
+
+async def test_away_longer_than_allowed_gets_a_resync_then_live_events() -> None:
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=10, max_disconnection_duration=0.2)
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        await sio.enter_room(sid, room)
+
+    async with running(sio) as url:
+        received: list[int] = []
+        c = client(reconnection_delay=0.5, reconnection_delay_max=0.5)
+        state = recovering(c)
+
+        @c.event
+        async def connect() -> None:
+            await c.emit("join", "room-1")  # the app joins again when not recovered
+
+        c.on("tick", lambda data: received.append(data["n"]))
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        await until(lambda: adapter.guard.state(("/", "room-1")) is ConnectionState.CONNECTED)
+        await sio.emit("tick", {"n": 0}, to="room-1")
+        await until(lambda: received == [0])
+        abort(c)
+        await until(lambda: bool(state.resyncs), timeout=3.0)
+        assert state.recovered is False
+        assert state.resyncs[0]["room"] == "room-1"
+        assert state.resyncs[0]["after"] == 1
+        await until(lambda: adapter.guard.state(("/", "room-1")) is ConnectionState.CONNECTED)
+        await sio.emit("tick", {"n": 1}, to="room-1")
+        await until(lambda: received[-1:] == [1])
+        await c.disconnect()
+    adapter.unguard()
