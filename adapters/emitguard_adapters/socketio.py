@@ -10,8 +10,9 @@
   goes through (``enter_room``/``leave_room``, ``disconnect``, and the sid room the framework
   enters itself when a client connects): a room is associated while a member is in it, so a
   room equal to a connected sid is associated while that sid is connected.
-- the Engine.IO ``send_packet``: a delivery counts only when Engine.IO took the packet for a
-  live session; an emit into a room whose sockets are gone is kept, not counted as delivered.
+- delivery: an emit counts as delivered only when the room has a member whose Engine.IO
+  session is live (checked in the manager's rooms and Engine.IO's sessions as the emit goes
+  out); an emit into a room whose sockets are gone is kept, not counted as delivered.
 
 With ``recovery=True`` (Socket.IO 4.6's connection state recovery, for python-socketio): every
 guarded emit carries its room's ``seq`` as one more argument (``{"emitguard": [room, seq]}``);
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import wrapt
 
-from emitguard import AdapterError, Guard, transport
+from emitguard import AdapterError, Guard
 from emitguard.calls import MISSING
 
 __all__ = [
@@ -115,6 +116,7 @@ class SocketIOGuard:
         self.server = server
         self.guard = guard
         self.recovery = recovery
+        self.confirm = True
         self.max_disconnection_duration = max_disconnection_duration
         self._patches: list[tuple[Any, str]] = []
         self._departed: OrderedDict[tuple[str, str], tuple[float, dict[Any, int]]] = OrderedDict()
@@ -134,7 +136,6 @@ class SocketIOGuard:
         self._wrap(server, "emit", self._emit)
         self._wrap(manager, "basic_enter_room", self._entered)
         self._wrap(manager, "basic_leave_room", self._left)
-        self._wrap(server.eio, "send_packet", self._sent)
         if self.recovery:
             self._wrap(server, "_handle_connect", self._connected)
 
@@ -174,24 +175,29 @@ class SocketIOGuard:
             return
         extra = {"ignore_queue": call["ignore_queue"]} if call["ignore_queue"] else {}
 
-        def rebind(
-            args: tuple[Any, ...], kwargs: dict[str, Any], message: SocketEvent
-        ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            return (message.event, message.wire()), {"to": target, "namespace": namespace, **extra}
+        live = self._live
 
-        await self.guard.send_call(
-            (namespace, target), message, wrapped, args, kwargs, rebind, kind
-        )
+        async def deliver(message: SocketEvent) -> bool:
+            if not live(namespace, target):
+                return False  # nobody there with a live session: kept, not delivered
+            await wrapped(message.event, message.wire(), to=target, namespace=namespace, **extra)
+            return True
 
-    async def _sent(
-        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        eio_sid = args[0] if args else kwargs.get("sid")
-        result = await wrapped(*args, **kwargs)
-        socket = instance.sockets.get(eio_sid)
-        if socket is not None and not socket.closed:  # Engine.IO took it for a live session
-            transport.frame_sent()
-        return result
+        thread = (namespace, target)
+        await self.guard.send_call(thread, message, deliver, (message,), {}, _message_only, kind)
+
+    def _live(self, namespace: str, room: Any) -> bool:
+        """Whether the room has a member whose Engine.IO session is live (always, without
+        ``confirm``)."""
+        if not self.confirm:
+            return True
+        server = self.server
+        sockets = server.eio.sockets
+        for _, eio_sid in server.manager.get_participants(namespace, room):
+            socket = sockets.get(eio_sid)
+            if socket is not None and not socket.closed:
+                return True
+        return False
 
     # ------------------------------------------------------------ rooms
 
@@ -332,6 +338,12 @@ def _original(method: Any) -> Any:
     return method.__wrapped__ if isinstance(method, _Guarded) else method
 
 
+def _message_only(
+    args: tuple[Any, ...], kwargs: dict[str, Any], message: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (message,), kwargs
+
+
 def _unchanged(
     args: tuple[Any, ...], kwargs: dict[str, Any], message: Any
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -382,7 +394,9 @@ def guard_server(
 ) -> SocketIOGuard:
     """Guard a python-socketio ``AsyncServer`` (see the module docstring); ``options`` go to
     :class:`emitguard.Guard` (``history`` defaults to 1000 per room with ``recovery``).
-    ``confirm``: count a delivery only when Engine.IO took a packet for a live session."""
+    ``confirm``: count a delivery only when the room has a member with a live Engine.IO
+    session (turn it off with a message-queue client manager, whose members on other
+    servers this process cannot see)."""
     if not hasattr(server, "manager") or not hasattr(server, "eio"):
         raise AdapterError(f"guard_server() takes a python-socketio AsyncServer, got {server!r}")
     if not isinstance(max_disconnection_duration, (int, float)) or max_disconnection_duration <= 0:
@@ -396,11 +410,10 @@ def guard_server(
         options.setdefault("stamp_seq", _stamp)
     options.setdefault("name", f"socketio-{id(server):x}")
     guard = Guard(**options)
-    if confirm:
-        guard.confirm_deliveries(0.0)
     adapter = SocketIOGuard(
         server, guard, recovery=recovery, max_disconnection_duration=max_disconnection_duration
     )
+    adapter.confirm = confirm
     adapter.patch()
     return adapter
 
