@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emitguard._delivery import Delivery
 from emitguard._flow import Flow
@@ -34,6 +34,9 @@ from emitguard.errors import EmissionError
 from emitguard.options import GuardOptions
 from emitguard.outbox import OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
+
+if TYPE_CHECKING:
+    from emitguard._relay import Relay
 
 __all__ = ["Pipeline", "problem"]
 
@@ -82,10 +85,12 @@ class Pipeline:
         """Spans, metrics or transport confirmation: sends take the instrumented fast path."""
         self.closed = False
         self._warned_closed = False
+        self.relay: Relay | None = None
+        """Set with a shared backend: every send goes through the thread's shared log."""
 
     def plan(self, *, plain: bool, instrumented: bool, closed: bool) -> None:
         """Choose the fast path that fits what is attached to the guard now."""
-        self.plain = plain and self._stamp is None
+        self.plain = plain and self._stamp is None and self.relay is None
         self.instrumented = instrumented
         self.closed = closed
         self.fast = self._table.slots if self.plain and not instrumented and not closed else {}
@@ -109,8 +114,10 @@ class Pipeline:
         if bad is not None:
             record = self._recorder.make(Outcome.REJECTED, thread_name(thread_id), 0, message, bad)
             return self._recorder.conclude(record)
-        created_at = time.time()
         self._flow.home = asyncio.get_running_loop()
+        if self.relay is not None:  # a shared backend: the log gives the seq and delivers
+            return await self.relay.send(thread_id, message, call)
+        created_at = time.time()
         slot, ticket = self._table.take(thread_id, _Pending(message, call, created_at, True))
         if ticket is not None:
             await self._wait_turn(slot, ticket)

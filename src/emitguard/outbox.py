@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
-__all__ = ["MemoryOutbox", "Outbox", "OutboxEntry"]
+__all__ = ["MemoryOutbox", "Outbox", "OutboxEntry", "from_url"]
 
 Deliver = Callable[[Any], Any]
 """Calls the original send for one message; returns its result (an awaitable if async)."""
@@ -60,6 +60,9 @@ class Outbox(abc.ABC):
     """
 
     synchronous: bool = False
+    shared: bool = False
+    """True for a backend shared by several processes that gives out the seq itself (the
+    Redis backend): the guard then routes every send through it (``emitguard._relay``)."""
 
     def check(self, message: Any) -> str | None:
         """Why ``message`` cannot be stored, or ``None`` when it can."""
@@ -212,6 +215,19 @@ class MemoryOutbox(Outbox):
 
     async def entries(self, thread_id: Any) -> list[OutboxEntry]:
         return list(self._threads.get(thread_id, ()))
+
+
+def from_url(url: str) -> Outbox:
+    """The backend a URL names: ``memory://`` or ``redis://`` (``rediss://``, ``unix://``;
+    the Redis backend is imported only then, and needs the ``redis`` extra)."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "memory":
+        return MemoryOutbox()
+    if scheme in ("redis", "rediss", "unix"):
+        from emitguard import redis_outbox
+
+        return redis_outbox.from_url(url)
+    raise ValueError(f"no outbox backend for {url!r}: use memory:// or redis://")
 
 
 def _seq(entry: OutboxEntry) -> int:
