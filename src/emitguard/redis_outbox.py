@@ -104,7 +104,8 @@ class RedisOutbox(Outbox):
     Knobs (also as URL query parameters): ``maxlen`` entries per thread kept for replay,
     ``history_ttl`` seconds a quiet thread's log lives, ``outage_ttl`` seconds a send waits
     in the local buffer for Redis to come back before it is EXPIRED, ``max_local`` sends the
-    local buffer holds (past it, new sends are DROPPED), ``timeout`` seconds per Redis call.
+    local buffer holds (past it, new sends are DROPPED), ``timeout`` seconds per Redis call,
+    ``max_connections`` in the pool (more concurrent calls wait for a free one).
     """
 
     shared = True
@@ -119,6 +120,7 @@ class RedisOutbox(Outbox):
         outage_ttl: float = 30.0,
         max_local: int = 10_000,
         timeout: float = 1.0,
+        max_connections: int = 50,
         prefix: str = "emitguard",
     ) -> None:
         self.url = url
@@ -127,6 +129,7 @@ class RedisOutbox(Outbox):
         self.outage_ttl = float(outage_ttl)
         self.max_local = int(max_local)
         self.timeout = float(timeout)
+        self.max_connections = int(max_connections)
         self.prefix = prefix
         self._client: Any = None
         self._sync: Any = None
@@ -144,13 +147,23 @@ class RedisOutbox(Outbox):
         """The ``redis.asyncio.Redis`` client (made on first use)."""
         if self._client is None:
             import redis.asyncio as aioredis  # the `redis` extra; imported only when used
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
+            from redis.exceptions import ConnectionError as Broken
 
-            self._client = aioredis.Redis.from_url(
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                # a connection Redis closed (a restart) is retried once, on a new one; a
+                # timeout is not (the relay decides; its appends are idempotent)
+                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+                retry_on_error=[Broken],
                 decode_responses=True,
                 socket_timeout=self.timeout,
                 socket_connect_timeout=self.timeout,
+                max_connections=self.max_connections,
+                timeout=self.timeout * 5,  # waiting for a free connection, not for Redis
             )
+            self._client = aioredis.Redis.from_pool(pool)  # it owns the pool (closes it)
             self._script = self._client.register_script(APPEND)
             self._advance = self._client.register_script(ADVANCE)
             self._release = self._client.register_script(RELEASE)
@@ -364,7 +377,7 @@ def from_url(url: str) -> RedisOutbox:
     knobs: dict[str, Any] = {}
     rest: list[tuple[str, str]] = []
     for name, value in parse_qsl(parts.query):
-        if name in ("maxlen", "max_local"):
+        if name in ("maxlen", "max_local", "max_connections"):
             knobs[name] = int(value)
         elif name in ("history_ttl", "outage_ttl", "timeout"):
             knobs[name] = float(value)
