@@ -64,6 +64,7 @@ bench: venv
 	$(BIN)/python benchmarks/sockets.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/stall.py
+	$(BIN)/python benchmarks/redis_outbox.py
 
 # Build artefacts and tool caches; keeps .venv (use distclean for that).
 clean:

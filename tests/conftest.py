@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 import emitguard
 from emitguard import Emission, Guard, Outcome
+from redis_support import RedisServer, serve
 
 
 class Sink:
@@ -79,6 +81,12 @@ def scale(request: pytest.FixtureRequest) -> float:
     if value <= 0:
         raise pytest.UsageError(f"--scale must be > 0, got {value!r}")
     return float(value)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A ``redis-server`` of this test alone, on a free port (``tests/redis_support.py``)."""
+    yield from serve(tmp_path)
 
 
 @pytest.fixture

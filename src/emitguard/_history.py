@@ -28,6 +28,9 @@ class Replay:
     claims a seq the guard never gave): the client must resynchronise."""
     latest: int
     """The thread's latest seq."""
+    epoch: str | None = None
+    """The epoch of the thread's seq space (a shared backend; ``None`` in memory): a client
+    keeps ``(epoch, seq)`` and a replay against another epoch is never complete."""
 
 
 class _Kept:

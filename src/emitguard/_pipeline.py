@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emitguard import transport
 from emitguard._delivery import Delivery
@@ -36,6 +36,9 @@ from emitguard.errors import EmissionError
 from emitguard.options import GuardOptions
 from emitguard.outbox import OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
+
+if TYPE_CHECKING:
+    from emitguard._relay import Relay
 
 __all__ = ["PASSED_REASON", "Pipeline", "problem"]
 
@@ -88,10 +91,12 @@ class Pipeline:
         """Someone listens to records: the observed fast path makes one per delivery."""
         self.closed = False
         self._warned_closed = False
+        self.relay: Relay | None = None
+        """Set with a shared backend: every send goes through the thread's shared log."""
 
     def plan(self, *, plain: bool, listening: bool, instrumented: bool, closed: bool) -> None:
         """Choose the fast path that fits what is attached to the guard now."""
-        self.plain = plain and self._stamp is None
+        self.plain = plain and self._stamp is None and self.relay is None
         self.listening = listening
         self.observed = listening or instrumented
         self.closed = closed
@@ -128,8 +133,14 @@ class Pipeline:
             return self._recorder.conclude(record)
         if transport.associating(thread_id):
             return await self._greet(thread_id, message, call, True)
-        created_at = time.time()
         self._flow.home = asyncio.get_running_loop()
+        if self.relay is not None:  # a shared backend: the log gives the seq and delivers
+            if not isinstance(thread_id, str):  # the log is keyed by the id's text
+                why = "a shared (Redis) outbox keys threads by str; got " + repr(thread_id)
+                record = self._recorder.make(Outcome.REJECTED, thread_id, 0, message, why)
+                return self._recorder.conclude(record)
+            return await self.relay.send(thread_id, message, call)
+        created_at = time.time()
         slot, ticket = self._table.take(thread_id, _Pending(message, call, created_at, True))
         if ticket is not None:
             await self._wait_turn(slot, ticket)

@@ -36,6 +36,7 @@ from emitguard._senders import Senders
 from emitguard._slot import ThreadSlot
 from emitguard._table import ThreadTable
 from emitguard._telemetry import Telemetry
+from emitguard.backends import from_url
 from emitguard.calls import AnyOf, Arg, WraptWrapper, rebind_only
 from emitguard.options import GuardOptions
 from emitguard.outbox import MemoryOutbox, Outbox, OutboxEntry, drive
@@ -47,9 +48,11 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
+    from emitguard._relay import Relay
+
 __all__ = ["GUARD_ARGUMENTS", "Guard", "live_guards"]
 
-GUARD_ARGUMENTS = ("outbox", "name", "tracer_provider", "meter_provider")
+GUARD_ARGUMENTS = ("outbox", "name", "tracer_provider", "meter_provider", "deliver")
 """Arguments of :class:`Guard` that are not :class:`~emitguard.options.GuardOptions`."""
 
 CONNECTED = ConnectionState.CONNECTED
@@ -65,28 +68,37 @@ class Guard:
     """Guards the sends of one connection manager.
 
     ``Guard(**options)`` takes the options of :class:`~emitguard.options.GuardOptions`, plus
-    ``outbox`` (a backend; default :class:`~emitguard.outbox.MemoryOutbox`), ``name`` (unique
-    by default), and the OpenTelemetry ``tracer_provider`` and ``meter_provider`` (the global
-    ones by default; see ``docs/tracing.md``). Most users get a guard from
-    :func:`emitguard.guard` rather than building one. ``async with Guard() as guard:`` closes
-    it at the end (:meth:`aclose`).
+    ``outbox`` (a backend or its URL, ``"memory://"`` or ``"redis://host:6379/0"``; default
+    :class:`~emitguard.outbox.MemoryOutbox`), ``name`` (unique by default), the OpenTelemetry
+    ``tracer_provider`` and ``meter_provider`` (the global ones by default; see
+    ``docs/tracing.md``), and ``deliver``: with a shared backend (Redis), the manager's own
+    ``deliver(thread_id, message)`` that hands an entry read from the log to this process's
+    connection of the thread (default: the last send this process saw for the thread).
+    Most users get a guard from :func:`emitguard.guard` rather than building one.
+    ``async with Guard() as guard:`` closes it at the end (:meth:`aclose`).
     """
 
     def __init__(
         self,
         *,
-        outbox: Outbox | None = None,
+        outbox: Outbox | str | None = None,
         name: str | None = None,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
+        deliver: Callable[[str, Any], Any] | None = None,
         **options: Any,
     ) -> None:
         self.options = opts = GuardOptions.from_kwargs(options)
         self.name = name or f"guard-{next(_numbers)}"
+        if isinstance(outbox, str):
+            outbox = from_url(outbox)
         self.outbox: Outbox = outbox if outbox is not None else MemoryOutbox()
         self.closed = False
         self._subscribed = 0
-        self._window = ReplayWindow(opts.history, opts.history_total) if opts.history else None
+        shared = self.outbox.shared  # the log in the backend is the replay window
+        self._window = (
+            ReplayWindow(opts.history, opts.history_total) if opts.history and not shared else None
+        )
         self._tel = Telemetry(
             opts, self.name, lambda: self._flow.total, tracer_provider, meter_provider
         )
@@ -103,10 +115,23 @@ class Guard:
             opts, self._table, self._recorder, self._flow, self._delivery, self._tel
         )
         self._senders = Senders(self._pipeline, self._table)
+        self._relay: Relay | None = None
+        if shared:
+            from emitguard._relay import Relay
+            from emitguard.redis_outbox import RedisOutbox
+
+            if not isinstance(self.outbox, RedisOutbox):
+                raise TypeError(f"no relay for the shared backend {self.outbox!r}")
+            home = self._flow_home
+            relay = Relay(self.outbox, self._recorder, opts, deliver, home)
+            self._relay = self._pipeline.relay = relay
         hooks.load_entry_points()
         _live.add(self)
         self.refresh()
         hooks.call_safely("emitguard_guard_created", guard=self)
+
+    def _flow_home(self) -> asyncio.AbstractEventLoop | None:
+        return self._flow.home
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"threads={len(self._table)}"
@@ -297,17 +322,30 @@ class Guard:
             self._table.own(slot, owner)
 
     def _state_changed(self, thread_id: Any, old: ConnectionState, new: ConnectionState) -> None:
+        if self._relay is not None:  # deliver the thread's shared log here while connected
+            if new is CONNECTED:
+                self._relay.associate(thread_id)
+            elif old is CONNECTED:
+                self._relay.dissociate(thread_id)
         hooks.call_safely(
             "emitguard_state_changed", guard=self, thread_id=thread_id, old=old, new=new
         )
 
     # ------------------------------------------------------------- replay
 
-    def replay(self, thread_id: Hashable, after: int) -> Replay:
+    def replay(self, thread_id: Hashable, after: int, epoch: str | None = None) -> Replay:
         """What a client that last saw ``seq == after`` missed of the thread's delivered
         messages, from the replay window (option ``history``). Call it inside :meth:`hold`
-        so that no send slips in between the replay and the client's attachment."""
+        so that no send slips in between the replay and the client's attachment.
+
+        With a shared backend (Redis) the window is the thread's log, on every worker, and
+        ``epoch`` is the one of the client's cursor (``Replay.epoch``): another epoch means
+        the history was lost, and the replay is not complete. This blocks on a Redis call;
+        async code prefers :meth:`areplay`."""
         check_thread_id(thread_id)
+        if self._relay is not None:
+            found: Replay = self._relay.replay_sync(str(thread_id), after, epoch)
+            return found
         if self._window is None:
             raise ValueError("replay() needs a replay window: build the guard with history=N")
         slot = self._table.get(thread_id)
@@ -321,6 +359,14 @@ class Guard:
         if slot is not None:
             return slot.seq
         return self._window.latest(thread_id) if self._window is not None else 0
+
+    async def areplay(self, thread_id: str, after: int, epoch: str | None = None) -> Replay:
+        """:meth:`replay` for async code (it awaits the Redis calls of a shared backend)."""
+        check_thread_id(thread_id)
+        if self._relay is not None:
+            found: Replay = await self._relay.replay(thread_id, after, epoch)
+            return found
+        return self.replay(thread_id, after, epoch)
 
     @contextlib.asynccontextmanager
     async def hold(self, thread_id: Hashable) -> AsyncIterator[None]:
@@ -423,6 +469,8 @@ class Guard:
         if slot.state is CONNECTED:
             return True
         limit = self.options.ready_timeout if timeout is None else timeout
+        if self._relay is not None:  # associated in any process
+            return await self._relay.wait_ready(str(thread_id), limit)
         await self._pipeline.wait_ready(slot, limit)
         self._table.settled(slot)
         return slot.state is CONNECTED
@@ -443,6 +491,9 @@ class Guard:
             for name, slot in list(table.slots.items())
             if (count := sum(1 for t in list(slot.tickets) if t.keep is not None and not t.waiting))
         }
+        if self._relay is not None:
+            pending.update(self._relay.pending())
+            return GuardStats(outcomes, pending, states, waiting, self._relay.describe())
         return GuardStats(outcomes, pending, states, waiting)
 
     async def pending(self, thread_id: Hashable | None = None) -> list[OutboxEntry]:
@@ -458,6 +509,8 @@ class Guard:
         """Wait until everything buffered is delivered (threads that reconnect meanwhile
         included) or ``timeout`` seconds pass, like a producer's flush; return how many
         emissions are still buffered (expired ones are recorded and not counted)."""
+        if self._relay is not None:
+            return await self._relay.drain(timeout)
         return await self._flow.drain(timeout, self._busy)
 
     def _busy(self) -> bool:
@@ -472,6 +525,8 @@ class Guard:
             return
         self.closed = True
         self._plan()
+        if self._relay is not None:
+            await self._relay.close()
         await self._flow.close()
         _live.discard(self)
 

@@ -60,6 +60,9 @@ class Outbox(abc.ABC):
     """
 
     synchronous: bool = False
+    shared: bool = False
+    """True for a backend shared by several processes that gives out the seq itself (the
+    Redis backend): the guard then routes every send through it (``emitguard._relay``)."""
 
     def check(self, message: Any) -> str | None:
         """Why ``message`` cannot be stored, or ``None`` when it can."""

@@ -24,6 +24,10 @@ class GuardStats:
     """Events handed over that wait for their turn in their thread's line with no sender
     awaiting them (a synchronous send made while the line was busy, a cancelled sender's
     event); each gets its records in its turn. Threads with none are left out."""
+    backend: Mapping[str, object] = field(default_factory=dict)
+    """The state of a shared backend (empty for the memory outbox). Redis: ``redis`` ("up" or
+    "down"), ``down_for`` (seconds), ``local`` (sends waiting in the local buffer for Redis,
+    no seq yet; also counted in ``pending``), ``delivering`` (threads connected here)."""
 
     @property
     def passed_through(self) -> int:

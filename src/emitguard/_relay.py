@@ -1,0 +1,572 @@
+"""The relay: a guard's sends and deliveries through a shared log (the Redis backend).
+
+With a shared backend every emission goes through the thread's log, wherever it was made:
+
+- **Sending** (any process): the send appends the message (the log gives it its seq) and
+  returns True once the log holds it. Sends of one thread are appended in call order, one at
+  a time. While the log is unreachable they wait in a bounded local buffer, in order and
+  without a seq, retried with backoff; each carries an emission id, so an append retried after
+  a timeout that did land is not added twice. A send that waited ``outage_ttl`` is EXPIRED,
+  one that finds the local buffer full is DROPPED: recorded, never silent.
+- **Delivering** (the processes holding a connection of the thread): each keeps a cursor per
+  thread and hands every entry after it to its own send, in seq order, once. It learns of new
+  entries from pub/sub notices, and reads the log on every notice, on a poll, and after its
+  pub/sub connection comes back, so a lost notice only delays.
+
+Entries hold data only. The send that delivers is the guard's ``deliver(thread_id, message)``
+when it was given one, else the last send this process saw for the thread, rebound to the
+stored message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from emitguard._loops import alive, running_loop
+from emitguard._recorder import Recorder
+from emitguard.calls import Call, Verdict, judge, judge_error
+from emitguard.options import GuardOptions
+from emitguard.records import Emission
+from emitguard.redis_outbox import RedisOutbox, Stored, worker_id
+from emitguard.states import Outcome
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("emitguard")
+
+Deliver = Callable[[str, Any], Any]
+"""``deliver(thread_id, message)``: the manager's own send, for entries read from the log."""
+
+_BATCH = 100
+
+
+class _Item:
+    """A send waiting, in order, for the log to take it (no seq yet)."""
+
+    __slots__ = ("created_at", "emission", "future", "message", "thread_id", "waiting")
+
+    def __init__(self, thread_id: str, message: Any) -> None:
+        self.thread_id = thread_id
+        self.message = message
+        self.created_at = time.time()
+        self.emission = uuid.uuid4().hex
+        self.future: asyncio.Future[Emission] | None = None
+        self.waiting = False
+        """Its sender awaits its record (else the relay notes the record itself)."""
+
+
+class _Here:
+    """A thread with a connection in this process: where its delivery stands."""
+
+    __slots__ = ("cursor", "epoch", "task", "thread_id", "wake")
+
+    def __init__(self, thread_id: str) -> None:
+        self.thread_id = thread_id
+        self.epoch: str | None = None
+        self.cursor = 0
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class Relay:
+    """Sends and deliveries of one guard through a :class:`RedisOutbox`."""
+
+    owner_ttl = 10.0
+    """Seconds the presence of a thread's connection lasts without a heartbeat."""
+    poll = 1.0
+    """Seconds between reads of a thread's log when no notice came."""
+
+    def __init__(
+        self,
+        shared: RedisOutbox,
+        recorder: Recorder,
+        options: GuardOptions,
+        deliver: Deliver | None,
+        home: Callable[[], asyncio.AbstractEventLoop | None],
+    ) -> None:
+        self.shared = shared
+        self.worker = worker_id()
+        self._recorder = recorder
+        self._options = options
+        self._deliver = deliver
+        self._home = home
+        self._stamp = options.stamp_seq
+        self._errors = shared.errors()
+        self._queues: dict[str, deque[_Item]] = {}
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._inline: set[str] = set()
+        self.local = 0
+        """Sends waiting in the local buffer."""
+        self.down_since: float | None = None
+        """``time.monotonic()`` when Redis stopped answering; ``None`` while it answers."""
+        self._here: dict[str, _Here] = {}
+        self._calls: dict[str, Call] = {}
+        self._replayed: dict[str, tuple[str | None, int]] = {}
+        self._pubsub: Any = None
+        self._listener: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closed = False
+
+    # ------------------------------------------------------------------ sending
+
+    async def send(self, thread_id: str, message: Any, call: Call) -> bool:
+        """Append one emission to the thread's log (the caller checked the thread id)."""
+        recorder = self._recorder
+        cannot = self.shared.check(message)
+        if cannot is not None:
+            return recorder.conclude(recorder.make(Outcome.REJECTED, thread_id, 0, message, cannot))
+        if self._deliver is None:
+            self._calls[thread_id] = call
+        if self.local >= self.shared.max_local:
+            why = f"redis unavailable and the local buffer is full (max_local={self.local})"
+            return recorder.conclude(recorder.make(Outcome.DROPPED, thread_id, 0, message, why))
+        item = _Item(thread_id, message)
+        queue = self._queues.get(thread_id)
+        if queue is None and self.down_since is None:
+            return await self._append_now(item)
+        if queue is None:
+            queue = self._queues[thread_id] = deque()
+        queue.append(item)
+        self.local += 1
+        self._pump(thread_id)
+        return await self._acknowledged(item)
+
+    async def _append_now(self, item: _Item) -> bool:
+        """Nothing of the thread waits here: append in the sender's own coroutine (later
+        sends of the thread queue behind it meanwhile)."""
+        thread_id = item.thread_id
+        queue = self._queues[thread_id] = deque()
+        self._inline.add(thread_id)
+        try:
+            epoch, seq, _ = await self.shared.append(
+                thread_id, item.message, item.created_at, item.emission
+            )
+        except BaseException as exc:
+            self._inline.discard(thread_id)
+            queue.appendleft(item)  # kept first: the pump appends it (idempotently) in order
+            self.local += 1
+            if isinstance(exc, self._errors):
+                self._went_down(exc)
+                self._pump(thread_id)
+                return await self._acknowledged(item)
+            self._pump(thread_id)
+            raise
+        self._inline.discard(thread_id)
+        self._came_back()
+        if queue:
+            self._pump(thread_id)
+        elif self._queues.get(thread_id) is queue:
+            del self._queues[thread_id]
+        return self._recorder.conclude(self._appended(item, epoch, seq))
+
+    async def _acknowledged(self, item: _Item) -> bool:
+        """Wait a little for the log to take a queued send; past that it is accepted into the
+        local buffer (recorded BUFFERED without a seq) and the relay records the rest."""
+        loop = asyncio.get_running_loop()
+        future = item.future = loop.create_future()
+        item.waiting = True
+        try:
+            record = await asyncio.wait_for(asyncio.shield(future), self.shared.timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            item.waiting = False
+            if not future.done():
+                why = (
+                    "redis unavailable: kept in order in the local buffer, no seq yet "
+                    f"(EXPIRED after outage_ttl={self.shared.outage_ttl}s)"
+                )
+                made = self._recorder.make(
+                    Outcome.BUFFERED,
+                    item.thread_id,
+                    0,
+                    item.message,
+                    why,
+                    created_at=item.created_at,
+                )
+                return self._recorder.conclude(made)
+            record = future.result()
+        except asyncio.CancelledError:
+            item.waiting = False  # the event stays queued; its records are noted later
+            raise
+        return self._recorder.conclude(record)
+
+    def _pump(self, thread_id: str) -> None:
+        if thread_id in self._pumps or thread_id in self._inline or self.closed:
+            return
+        task = asyncio.get_running_loop().create_task(self._pumping(thread_id))
+        self._pumps[thread_id] = task
+
+    async def _pumping(self, thread_id: str) -> None:
+        """Append the thread's queued sends in order, retrying while Redis is down."""
+        queue = self._queues[thread_id]
+        failures = 0
+        try:
+            while queue and not self.closed:
+                self._expire(queue)
+                if not queue:
+                    break
+                item = queue[0]
+                try:
+                    epoch, seq, _ = await self.shared.append(
+                        thread_id, item.message, item.created_at, item.emission
+                    )
+                except self._errors as exc:
+                    self._went_down(exc)
+                    failures += 1
+                    await asyncio.sleep(_backoff(failures))
+                    continue
+                failures = 0
+                self._came_back()
+                queue.popleft()
+                self.local -= 1
+                self._settle(item, self._appended(item, epoch, seq))
+        finally:
+            del self._pumps[thread_id]
+            if not queue and self._queues.get(thread_id) is queue:
+                del self._queues[thread_id]
+
+    def _expire(self, queue: deque[_Item]) -> None:
+        limit = self.shared.outage_ttl
+        cutoff = time.time() - limit
+        while queue and queue[0].created_at < cutoff:
+            item = queue.popleft()
+            self.local -= 1
+            why = f"redis unavailable for longer than outage_ttl={limit}s: never given a seq"
+            self._settle(item, self._made(item, Outcome.EXPIRED, why))
+
+    def _settle(self, item: _Item, record: Emission) -> None:
+        future = item.future
+        if item.waiting and future is not None and not future.done():
+            future.set_result(record)
+        else:
+            self._recorder.note(record)
+
+    def _appended(self, item: _Item, epoch: str, seq: int) -> Emission:
+        return self._recorder.make(
+            Outcome.BUFFERED,
+            item.thread_id,
+            seq,
+            item.message,
+            f"in the shared log (redis) as seq {seq} of epoch {epoch}",
+            created_at=item.created_at,
+        )
+
+    def _made(self, item: _Item, outcome: Outcome, why: str) -> Emission:
+        return self._recorder.make(
+            outcome, item.thread_id, 0, item.message, why, created_at=item.created_at
+        )
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self.down_since is None:
+            self.down_since = time.monotonic()
+            log.warning(
+                "emitguard: redis unavailable (%s: %s); sends wait locally, in order",
+                type(exc).__name__,
+                exc,
+            )
+
+    def _came_back(self) -> None:
+        if self.down_since is not None:
+            log.warning("emitguard: redis is back after %.1fs", time.monotonic() - self.down_since)
+            self.down_since = None
+
+    # --------------------------------------------------------------- delivering
+
+    def associate(self, thread_id: str) -> None:
+        """A connection of the thread is here now: deliver its log to it."""
+        if thread_id in self._here or self.closed:
+            return
+        here = self._here[thread_id] = _Here(thread_id)
+
+        def start() -> None:
+            if self._here.get(thread_id) is here and not self.closed:
+                here.task = self._spawn(self._delivering(here))
+
+        self._soon(start)
+
+    def dissociate(self, thread_id: str) -> None:
+        """The thread has no connection here any more."""
+        here = self._here.pop(thread_id, None)
+        if here is None:
+            return
+
+        def stop() -> None:
+            if here.task is not None:
+                here.task.cancel()
+            if not self.closed:
+                self._spawn(self._left(thread_id))
+
+        self._soon(stop)
+
+    def _soon(self, fn: Callable[[], None]) -> None:
+        loop = running_loop()
+        if loop is not None:
+            fn()
+            return
+        home = self._home()
+        if home is not None and alive(home):
+            home.call_soon_threadsafe(fn)
+        else:
+            log.error("emitguard: no event loop to deliver from redis on; call from async code")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _left(self, thread_id: str) -> None:
+        with contextlib.suppress(*self._errors):
+            await self.shared.release(thread_id, self.worker)
+            if self._pubsub is not None and thread_id not in self._here:
+                await self._pubsub.unsubscribe(self.shared.channel(thread_id))
+
+    async def _delivering(self, here: _Here) -> None:
+        """Hand the thread's log to this process's send, from its cursor, in order, once."""
+        thread_id, shared = here.thread_id, self.shared
+        failures = 0
+        self._ensure_background()
+        while True:
+            try:
+                if self._pubsub is not None:
+                    await self._pubsub.subscribe(shared.channel(thread_id))
+                await shared.claim([thread_id], self.worker, self.owner_ttl)
+                here.epoch, _, delivered = await shared.position(thread_id)
+                break
+            except self._errors as exc:
+                self._went_down(exc)
+                failures += 1
+                await asyncio.sleep(_backoff(failures))
+        here.cursor = delivered
+        replayed = self._replayed.pop(thread_id, None)
+        if replayed is not None and replayed[0] == here.epoch:
+            here.cursor = max(here.cursor, replayed[1])
+        failures = 0
+        while True:
+            here.wake.clear()
+            try:
+                epoch, rows = await shared.read(thread_id, here.cursor, _BATCH)
+            except self._errors as exc:
+                self._went_down(exc)
+                failures += 1
+                await asyncio.sleep(_backoff(failures))
+                continue
+            failures = 0
+            if epoch is not None and epoch != here.epoch:
+                if here.epoch is not None:
+                    log.warning(
+                        "emitguard: %s lost its history (epoch %s -> %s): delivery "
+                        "starts over at seq 1",
+                        thread_id,
+                        here.epoch,
+                        epoch,
+                    )
+                    here.cursor = 0
+                    epoch, rows = await shared.read(thread_id, 0, _BATCH)
+                here.epoch = epoch
+            start = here.cursor
+            for stored in rows:
+                if not await self._hand(here, stored):
+                    break
+            if here.cursor > start and here.epoch is not None:
+                with contextlib.suppress(*self._errors):
+                    await shared.advance(thread_id, here.epoch, here.cursor)
+            if len(rows) == _BATCH and here.cursor > start:
+                continue
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(here.wake.wait(), self.poll)
+
+    async def _hand(self, here: _Here, stored: Stored) -> bool:
+        """Deliver one entry with retries; False when it is still not delivered."""
+        thread_id, seq = here.thread_id, stored.seq
+        if seq > here.cursor + 1:
+            why = f"seq {here.cursor + 1}..{seq - 1} left the log (maxlen) before delivery"
+            log.warning("emitguard: %s %s", thread_id, why)
+            self._recorder.note(
+                self._recorder.make(Outcome.DROPPED, thread_id, here.cursor + 1, None, why)
+            )
+        message = stored.message
+        if self._stamp is not None and isinstance(message, dict):
+            message = {**message, self._stamp: seq}
+        backoff = self._options.retry_backoff
+        attempts = 0
+        while True:
+            attempts += 1
+            verdict, failure = await self._attempt(thread_id, message)
+            if verdict is not Verdict.RETRY:
+                break
+            if attempts > len(backoff):
+                log.warning("emitguard: %s seq %d: %s; kept in the log", thread_id, seq, failure)
+                return False
+            await asyncio.sleep(backoff[attempts - 1])
+        outcome = Outcome.FLUSHED if verdict is Verdict.OK else Outcome.FAILED
+        reason = failure or f"delivered from the shared log on attempt {attempts}"
+        record = self._recorder.make(
+            outcome,
+            thread_id,
+            seq,
+            message,
+            reason,
+            attempts=attempts,
+            created_at=stored.created_at,
+        )
+        self._recorder.note(record)
+        here.cursor = seq
+        return True
+
+    async def _attempt(self, thread_id: str, message: Any) -> tuple[Verdict, str | None]:
+        try:
+            if self._deliver is not None:
+                result = self._deliver(thread_id, message)
+            else:
+                call = self._calls.get(thread_id)
+                if call is None:
+                    return Verdict.RETRY, "no send to deliver it with in this process yet"
+                result = call(message)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            return judge_error(exc, self._options.poison)
+        return judge(result)
+
+    # ------------------------------------------------------------- background
+
+    def _ensure_background(self) -> None:
+        if self._listener is None or self._listener.done():
+            self._listener = self._spawn(self._listening())
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = self._spawn(self._beating())
+
+    async def _listening(self) -> None:
+        """Wake the delivery of a thread on each notice; after a reconnect, subscribe anew
+        and wake every delivery here (it reads the log from its cursor: nothing is missed)."""
+        failures = 0
+        while not self.closed:
+            try:
+                if self._pubsub is None:
+                    pubsub = self.shared.client.pubsub()
+                    channels = [self.shared.channel(t) for t in self._here]
+                    if channels:
+                        await pubsub.subscribe(*channels)
+                    self._pubsub = pubsub
+                    for here in list(self._here.values()):
+                        here.wake.set()
+                if not self._pubsub.subscribed:
+                    await asyncio.sleep(0.05)
+                    continue
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=1.0
+                )
+                failures = 0
+                if message is not None and message.get("type") == "message":
+                    woken = self._here.get(self.shared.thread_of(message["channel"]))
+                    if woken is not None:
+                        woken.wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning(
+                        "emitguard: redis notices interrupted (%s: %s); reconnecting",
+                        type(exc).__name__,
+                        exc,
+                    )
+                pubsub, self._pubsub = self._pubsub, None
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+                await asyncio.sleep(_backoff(failures))
+
+    async def _beating(self) -> None:
+        while not self.closed:
+            await asyncio.sleep(self.owner_ttl / 3)
+            with contextlib.suppress(*self._errors):
+                await self.shared.claim(list(self._here), self.worker, self.owner_ttl)
+
+    # ------------------------------------------------------------------ queries
+
+    async def replay(self, thread_id: str, after: int, epoch: str | None) -> Any:
+        found = await self.shared.replay(thread_id, after, epoch)
+        self._replayed[thread_id] = (found.epoch, found.latest)
+        return found
+
+    def replay_sync(self, thread_id: str, after: int, epoch: str | None) -> Any:
+        found = self.shared.replay_sync(thread_id, after, epoch)
+        self._replayed[thread_id] = (found.epoch, found.latest)
+        return found
+
+    async def wait_ready(self, thread_id: str, timeout: float) -> bool:
+        """Wait until a connection of the thread is held by any process."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(*self._errors):
+                if await self.shared.owner(thread_id) is not None:
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+
+    def pending(self) -> dict[str, int]:
+        """Sends waiting in the local buffer, per thread."""
+        return {name: len(queue) for name, queue in self._queues.items() if queue}
+
+    def describe(self) -> dict[str, Any]:
+        """The backend's state for :meth:`Guard.stats`."""
+        down = self.down_since
+        return {
+            "backend": "redis",
+            "redis": "up" if down is None else "down",
+            "down_for": 0.0 if down is None else round(time.monotonic() - down, 3),
+            "local": self.local,
+            "delivering": len(self._here),
+            "worker": self.worker,
+        }
+
+    async def drain(self, timeout: float) -> int:
+        """Wait until the local buffer is empty (or ``timeout``); how many sends are left."""
+        deadline = time.monotonic() + timeout
+        pumps = list(self._pumps.values())
+        if pumps:
+            await asyncio.wait(pumps, timeout=max(deadline - time.monotonic(), 0))
+        return self.local
+
+    async def close(self) -> None:
+        """Stop; sends still in the local buffer are recorded DROPPED (Redis never took
+        them)."""
+        self.closed = True
+        tasks = [*self._pumps.values(), *self._tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for queue in self._queues.values():
+            while queue:
+                item = queue.popleft()
+                self.local -= 1
+                self._settle(
+                    item, self._made(item, Outcome.DROPPED, "guard closed before redis took it")
+                )
+        self._queues.clear()
+        here, self._here = list(self._here), {}
+        with contextlib.suppress(*self._errors, asyncio.TimeoutError, TimeoutError):
+            for thread_id in here:
+                await asyncio.wait_for(self.shared.release(thread_id, self.worker), 0.5)
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()
+            self._pubsub = None
+
+
+def _backoff(failures: int) -> float:
+    """Seconds before retry number ``failures``: 50 ms doubling to 1 s, with jitter."""
+    base: float = min(0.05 * 2 ** min(failures - 1, 5), 1.0)
+    return base * (0.5 + random.random() / 2)

@@ -1,0 +1,195 @@
+"""The Redis backend against a real ``redis-server`` (started per test on a free port)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from conftest import Records, eventually
+from emitguard import Guard, MemoryOutbox, Outcome
+from emitguard.backends import from_url
+from emitguard.outbox import OutboxEntry
+from emitguard.redis_outbox import RedisOutbox
+from redis_support import RedisServer
+
+
+def backend(server: RedisServer, **knobs: Any) -> RedisOutbox:
+    return RedisOutbox(server.url, **knobs)
+
+
+async def test_append_gives_gap_free_seqs_and_a_retry_adds_nothing(redis_server: RedisServer):
+    log = backend(redis_server)
+    try:
+        first = await log.append("t1", {"type": "a"}, time.time(), "e1")
+        second = await log.append("t1", {"type": "b"}, time.time(), "e2")
+        again = await log.append("t1", {"type": "a"}, time.time(), "e1")  # a timed-out retry
+        other = await log.append("t2", {"type": "x"}, time.time(), "e3")
+        assert (first[1], second[1], other[1]) == (1, 2, 1)
+        assert again == (first[0], 1, True)
+        epoch, rows = await log.read("t1", 0)
+        assert epoch == first[0]
+        assert [(r.seq, r.message, r.event_type) for r in rows] == [
+            (1, {"type": "a"}, "a"),
+            (2, {"type": "b"}, "b"),
+        ]
+        keys = sorted(await log.client.keys("emitguard:{t1}:*"))
+        assert "emitguard:{t1}:stream" in keys
+        assert "emitguard:{t1}:meta" in keys
+        assert await log.client.ttl("emitguard:{t1}:stream") > 0
+    finally:
+        await log.close()
+
+
+async def test_lost_history_changes_the_epoch_and_replay_says_resync(redis_server: RedisServer):
+    log = backend(redis_server, maxlen=5)
+    try:
+        for n in range(10):
+            epoch, _, _ = await log.append("t", {"n": n}, time.time(), f"e{n}")
+        full = await log.replay("t", 6, epoch)
+        assert full.complete
+        assert [seq for seq, _ in full.messages] == [7, 8, 9, 10]
+        assert (full.latest, full.epoch) == (10, epoch)
+        assert not (await log.replay("t", 2, epoch)).complete  # fell out of the window
+        assert not (await log.replay("t", 11, epoch)).complete  # a seq never given
+        assert log.replay_sync("t", 6, epoch) == full
+        await log.client.flushall()  # history lost
+        assert not (await log.replay("t", 10, epoch)).complete
+        new_epoch, seq, _ = await log.append("t", {"n": 0}, time.time(), "f0")
+        assert (seq, new_epoch != epoch) == (1, True)
+        stale = await log.replay("t", 10, epoch)
+        assert (stale.complete, stale.epoch, stale.latest) == (False, new_epoch, 1)
+    finally:
+        await log.close()
+
+
+async def test_the_outbox_contract_sees_the_undelivered_part(redis_server: RedisServer):
+    log = backend(redis_server)
+    try:
+        entry = OutboxEntry("t", 0, {"type": "a"}, "a", time.monotonic(), time.time())
+        await log.push(entry)
+        assert entry.seq == 1
+        await log.push(OutboxEntry("t", 0, {"type": "b"}, "b", time.monotonic(), time.time()))
+        head = await log.head("t")
+        assert head is not None
+        assert (head.seq, head.message, head.deliver) == (1, {"type": "a"}, None)
+        assert await log.remove("t", 1)
+        assert not await log.remove("t", 1)
+        assert [e.seq for e in await log.entries("t")] == [2]
+        victim = await log.evict_oldest("t", protect=("b",))
+        assert victim is None
+        assert await log.evict_oldest(None, protect=()) is None
+        expired = await log.expire("t", time.monotonic() + 1)
+        assert [e.seq for e in expired] == [2]
+        assert await log.entries("t") == []
+    finally:
+        await log.close()
+
+
+def test_outbox_urls():
+    assert isinstance(from_url("memory://"), MemoryOutbox)
+    log = from_url("redis://127.0.0.1:1/3?maxlen=7&outage_ttl=2.5&x=1")
+    assert isinstance(log, RedisOutbox)
+    assert (log.url, log.maxlen, log.outage_ttl) == ("redis://127.0.0.1:1/3?x=1", 7, 2.5)
+    with pytest.raises(ValueError, match="no outbox backend"):
+        from_url("kafka://x")
+    assert "secret" not in repr(from_url("redis://:secret@h:1/0"))
+
+
+async def test_guard_on_redis_delivers_in_order_and_replays(
+    redis_server: RedisServer, records: Records
+):
+    got: list[Any] = []
+
+    async def deliver(thread_id: str, message: Any) -> None:
+        got.append((thread_id, message))
+
+    guard = Guard(outbox=redis_server.url, deliver=deliver, stamp_seq="seq")
+    try:
+        assert await guard.send("t", {"type": "early"}, deliver=_unused)  # before association
+        guard.mark_connected("t")
+        for n in range(5):
+            assert await guard.send("t", {"type": "m", "n": n}, deliver=_unused)
+        await eventually(lambda: len(got) == 6)
+        assert [m["seq"] for _, m in got] == [1, 2, 3, 4, 5, 6]
+        assert got[0][1]["type"] == "early"
+        replay = await guard.areplay("t", 4)
+        assert replay.complete
+        assert [seq for seq, _ in replay.messages] == [5, 6]
+        assert guard.replay("t", 4, epoch="other").complete is False
+        stats = guard.stats()
+        assert stats.backend["redis"] == "up"
+        assert stats.outcomes[Outcome.FLUSHED] == 6
+        assert stats.outcomes[Outcome.BUFFERED] == 6
+        assert await guard.wait_ready("t", 1.0)
+        assert not await guard.wait_ready("nobody", 0.1)
+        assert [r.seq for r in records.of(Outcome.FLUSHED)] == [1, 2, 3, 4, 5, 6]
+        guard.mark_disconnected("t")
+        await eventually(lambda: guard.stats().backend["delivering"] == 0)
+    finally:
+        await guard.aclose()
+
+
+async def test_a_message_redis_cannot_store_is_rejected(redis_server: RedisServer):
+    guard = Guard(outbox=redis_server.url)
+    try:
+        assert not await guard.send("t", {"bad": object()}, deliver=_unused)
+        assert guard.stats().outcomes[Outcome.REJECTED] == 1
+    finally:
+        await guard.aclose()
+
+
+async def test_without_deliver_the_last_send_of_the_thread_delivers(redis_server: RedisServer):
+    got: list[Any] = []
+
+    async def socket_send(message: Any) -> None:
+        got.append(message)
+
+    guard = Guard(outbox=redis_server.url)
+    try:
+        guard.mark_connected("t")
+        for n in range(3):
+            await guard.send("t", n, socket_send)
+        await eventually(lambda: got == [0, 1, 2])
+    finally:
+        await guard.aclose()
+
+
+async def _unused(message: Any) -> None:
+    raise AssertionError("a guard on redis delivers with its deliver=, not the caller's send")
+
+
+async def test_redis_down_sends_wait_in_order_then_expire(
+    redis_server: RedisServer, records: Records
+):
+    got: list[Any] = []
+
+    async def deliver(thread_id: str, message: Any) -> None:
+        got.append(message)
+
+    url = f"{redis_server.url}?outage_ttl=1.5&timeout=0.3"
+    guard = Guard(outbox=url, deliver=deliver)
+    try:
+        guard.mark_connected("t")
+        assert await guard.send("t", 1, _unused)
+        await eventually(lambda: got == [1])
+        redis_server.kill()
+        assert await guard.send("t", 2, _unused)  # accepted locally, no seq
+        assert await guard.send("t", 3, _unused)
+        stats = guard.stats()
+        assert stats.backend["redis"] == "down"
+        assert stats.pending == {"t": 2}
+        await eventually(lambda: records.of(Outcome.EXPIRED), 5)
+        await eventually(lambda: len(records.of(Outcome.EXPIRED)) == 2, 5)
+        assert [r.message for r in records.of(Outcome.EXPIRED)] == [2, 3]
+        assert guard.stats().backend["local"] == 0
+        redis_server.start(appendfsync=None)
+        assert await guard.send("t", 4, _unused)
+        await eventually(lambda: guard.stats().backend["redis"] == "up", 5)
+        await asyncio.sleep(0.1)
+        assert 2 not in got
+        assert 3 not in got
+    finally:
+        await guard.aclose()
