@@ -65,6 +65,7 @@ bench: venv
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/stall.py
 	$(BIN)/python benchmarks/redis_outbox.py
+	$(BIN)/python benchmarks/socketio_server.py
 
 # Build artefacts and tool caches; keeps .venv (use distclean for that).
 clean:

@@ -1,6 +1,6 @@
 """python-socketio guarded vs bare over real sockets, and recovery of missed events.
 
-    python benchmarks/socketio.py [--quick] [--clients N] [--events N] [--rounds N]
+    python benchmarks/socketio_server.py [--quick] [--clients N] [--events N] [--rounds N]
                                   [--missed N]
 
 Throughput: two uvicorn servers run the same python-socketio ``AsyncServer`` app side by side,
