@@ -3,8 +3,6 @@
 - fake sockets for the engine's own tests (:class:`Sockets`, :class:`Gate`), the records'
   bookkeeping (:class:`Sent`, :class:`Ledger`, :func:`check_life`): used by the invariant and
   the differential state machines;
-- :class:`VirtualClockLoop`: an event loop whose clock moves only when nothing can run, so two
-  guards driven through the same steps see the same timers fire at the same steps;
 - a tiny legacy manager (:class:`ThreadManager`, :class:`SyncThreadManager`) whose
   :class:`FakeSocket` s record what they received, for the scenario and load tests.
 """
@@ -13,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import selectors
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +21,7 @@ from emitguard import Emission, Guard, Outcome
 from emitguard.outbox import drive
 
 if TYPE_CHECKING:
-    from _typeshed import FileDescriptorLike
+    pass
 
 THREADS = ("t1", "t2", "t3")
 OWNERS = ("alice", "bob")
@@ -307,61 +304,6 @@ def check_life(key: tuple[str, int], outcomes: list[Outcome]) -> None:
         assert outcomes[1] in AFTER_BUFFERED, f"{key}: {[o.name for o in outcomes]}"
     else:
         assert outcomes[0] not in {Outcome.FLUSHED, Outcome.EXPIRED}, f"{key}: {outcomes}"
-
-
-# -- a loop with a virtual clock ----------------------------------------------------------
-
-
-class _SteppingSelector(selectors.BaseSelector):
-    """Real I/O through a real selector; a wait for the next timer moves the clock instead."""
-
-    def __init__(self, clock: list[float]) -> None:
-        self._clock = clock
-        self._real = selectors.DefaultSelector()
-
-    def register(
-        self, fileobj: FileDescriptorLike, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._real.register(fileobj, events, data)
-
-    def unregister(self, fileobj: FileDescriptorLike) -> selectors.SelectorKey:
-        return self._real.unregister(fileobj)
-
-    def modify(
-        self, fileobj: FileDescriptorLike, events: int, data: Any = None
-    ) -> selectors.SelectorKey:
-        return self._real.modify(fileobj, events, data)
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is None:
-            return self._real.select(None)
-        ready = self._real.select(0)
-        if not ready and timeout > 0:
-            self._clock[0] += timeout
-        return ready
-
-    def get_map(self) -> Mapping[FileDescriptorLike, selectors.SelectorKey]:
-        return self._real.get_map()
-
-    def close(self) -> None:
-        self._real.close()
-
-
-class VirtualClockLoop(asyncio.SelectorEventLoop):
-    """An event loop whose ``time()`` moves only when nothing can run: then it jumps to the
-    next timer. Timers (barrier timeouts, ``asyncio.sleep``, retry backoffs) fire at the same
-    step of a test however fast the machine is, so two guards driven through the same steps
-    on two such loops see the same timeouts."""
-
-    def __init__(self) -> None:
-        self._clock = [0.0]
-        super().__init__(_SteppingSelector(self._clock))
-
-    def time(self) -> float:
-        return self._clock[0]
-
-
-# -- a tiny legacy manager ----------------------------------------------------------------
 
 
 class FakeSocket:

@@ -11,9 +11,9 @@ applied to two guards built with the same options:
   providers (``TracerProvider`` with an in-memory exporter, ``MeterProvider`` with an
   in-memory reader) and, in some examples, ``stamp_seq``.
 
-Each guard runs on its own :class:`support.VirtualClockLoop`, so timers (the readiness
-barrier, caller timeouts, any retry backoff) fire at the same step for both, and after every
-step each loop runs until it settles. The listener is registered only while the observed
+Each guard runs on its own virtual-clock loop (the demo's ``VirtualClockLoop``, ``pace=False``),
+so timers (the readiness barrier, caller timeouts, any retry backoff) fire at the same step for
+both, and after every step each loop runs until it settles. The listener is registered only while the observed
 guard's loop runs, so the plain guard never has anyone listening. After every step, and after
 everything is associated and drained at the end, both must show the same: what each socket
 received, in order; what every send returned (or that it is still running, was cancelled or
@@ -41,7 +41,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import emitguard
 from emitguard import Emission, Guard
-from support import EVENT_TYPES, OWNERS, THREADS, Sockets, VirtualClockLoop
+from emitguard._virtual_loop import VirtualClockLoop
+from support import EVENT_TYPES, OWNERS, THREADS, Sockets
 
 SETTLE_TICKS = 40
 """Loop iterations after each step: enough for every runnable task of both guards to reach
@@ -78,7 +79,7 @@ class Side:
 
     def __init__(self, name: str, listener: Listener | None) -> None:
         self.name = name
-        self.loop = VirtualClockLoop()
+        self.loop = VirtualClockLoop(pace=False)
         self.listener = listener
         self.sockets = Sockets()
         self.manager = Manager(self.sockets)

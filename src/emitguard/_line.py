@@ -1,4 +1,4 @@
-"""A thread's line: a first-in first-out lock that works across event loops and OS threads.
+"""A thread's line: first come, first served, across event loops and OS threads.
 
 Whoever holds a thread's line is the only one delivering to, buffering for or flushing that
 thread. Taking a free line is one atomic ``list.pop()`` of its token (:func:`take`); nobody

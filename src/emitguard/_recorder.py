@@ -65,11 +65,6 @@ class Recorder:
         name: str = self._guard.name
         return name
 
-    @property
-    def listening(self) -> bool:
-        """Whether anyone listens to the ``emitguard_emission`` hook."""
-        return hooks.listening()
-
     def make(
         self,
         outcome: Outcome,
@@ -119,12 +114,10 @@ class Recorder:
             entry.message,
         )
 
-    def note(self, record: Emission, *, sequenced: bool = False) -> Emission:
-        """Count a record and hand it to the window, telemetry and the listeners.
-        ``sequenced``: its seq was not counted yet (see :meth:`seq_recorded`)."""
+    def note(self, record: Emission) -> Emission:
+        """Count a record and hand it to the window, telemetry and the listeners."""
         with self._lock:
             self.counts[record.outcome] += 1
-            self.recorded_seqs += sequenced
         if record.outcome is Outcome.REJECTED:
             self.warn_once("rejected", record.thread_id, "emitguard rejected %s", record)
         if self._window is not None and record.outcome in _DELIVERED and record.seq:
@@ -179,20 +172,15 @@ class Recorder:
                 self._warned.popitem(last=False)
         log.warning(text, *args)
 
-    def forget_warning(self, topic: str, thread_id: Any) -> None:
-        """Warn again about the thread next time (what was wrong was put right)."""
-        with self._lock:
-            self._warned.pop((topic, thread_id), None)
-
     def seq_recorded(self) -> None:
         """One more seq whose emission gets records."""
         with self._lock:
             self.recorded_seqs += 1
 
-    def conclude(self, record: Emission, *, sequenced: bool = False) -> bool:
+    def conclude(self, record: Emission) -> bool:
         """Note the caller's own record; True for a good outcome, else False (or raise in
         strict mode)."""
-        self.note(record, sequenced=sequenced)
+        self.note(record)
         if self._tel.active:
             self._tel.concluded(record)
         if record.outcome.ok:

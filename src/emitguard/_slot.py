@@ -94,7 +94,8 @@ class ThreadSlot:
         self.failures = 0
         """Deliveries that failed in a row on the live association (retried with backoff)."""
         self.retry_at = 0.0
-        """``time.monotonic()`` before which no delivery is retried."""
+        """``time.monotonic()`` when the pending retry is due (to set its timer again when
+        the loop it was set on closes: a private-loop flush)."""
         self.retry: Later | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         """The event loop of the last async send that buffered here: flushes run there."""
@@ -110,7 +111,7 @@ class ThreadSlot:
     @property
     def idle(self) -> bool:
         """Nothing here that the guard must remember: no association, nothing buffered, no
-        one waiting or listening. (The line's lock is checked by whoever frees the slot.)"""
+        one waiting or listening. (Whoever frees the slot also takes its line's token.)"""
         return (
             self.state is not ConnectionState.CONNECTED
             and not self.backlog

@@ -1,9 +1,10 @@
 """The thread table: every thread the guard knows, who carries it, and its state.
 
-A thread's slot is made on first use and freed as soon as it is idle (no association, nothing
-buffered, nobody waiting, listening or holding its line), so the table holds the live threads,
-not every thread ever seen. The table's ``mutex`` guards its structure and the lines' waiting
-lists; it is held only for short bookkeeping, never across a send.
+A thread's slot is made on first use. Once idle (no association, nothing buffered, nobody
+waiting, listening or holding its line) it joins a list of idle slots, and past ``idle_limit``
+the longest idle are freed, so the table holds the live threads and a bounded number of
+recently idle ones, not every thread ever seen. The table's ``mutex`` guards its structure
+and the lines' waiting lists; it is held only for short bookkeeping, never across a send.
 """
 
 from __future__ import annotations
@@ -176,9 +177,6 @@ class ThreadTable:
                 slot.owners.discard(key)
         return sorted(slots, key=lambda slot: repr(slot.thread_id))
 
-    def owners(self) -> int:
-        """How many owners the index holds."""
-        return len(self._owners)
 
 
 def owner_key(owner: object) -> object:
