@@ -13,13 +13,12 @@ applied to two guards built with the same options:
 
 Each guard runs on its own virtual-clock loop (the demo's ``VirtualClockLoop``, ``pace=False``),
 so timers (the readiness barrier, caller timeouts, any retry backoff) fire at the same step for
-both, and after every step each loop runs until it settles. The listener is registered only while the observed
-guard's loop runs, so the plain guard never has anyone listening. After every step, and after
-everything is associated and drained at the end, both must show the same: what each socket
-received, in order; what every send returned (or that it is still running, was cancelled or
-timed out); every thread's state; the pending counts; the counts per outcome; and the
-return values of ``disconnect_owner`` and ``drain``.
-"""
+both, and after every step each loop runs until it settles. The listener is registered only
+while the observed guard's loop runs, so the plain guard never has anyone listening. After every
+step, and after everything is associated and drained at the end, both must show the same: what
+each socket received, in order; what every send returned (or that it is still running, was
+cancelled or timed out); every thread's state; the pending counts; the counts per outcome; and
+the return values of ``disconnect_owner`` and ``drain``. """
 
 from __future__ import annotations
 
