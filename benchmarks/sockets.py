@@ -29,11 +29,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import socketio
+from _server_process import serving
 from websockets.asyncio.client import connect
 
 import emitguard
 from emitguard_adapters.starlette import EmitGuardMiddleware
-from emitguard_adapters.testing import LegacyWebSocketManager, legacy_app, serve
+from emitguard_adapters.testing import LegacyWebSocketManager, legacy_app
 
 Client = Callable[[str, str, int, "_Start"], Awaitable[int]]
 
@@ -127,46 +128,60 @@ async def _round(address: str, client: Client, clients: int, events: int) -> flo
     return clients * events / elapsed
 
 
-async def run(clients: int, events: int, rounds: int, confirm: bool = True) -> dict[str, Any]:
-    bare_manager = LegacyWebSocketManager()
-    guarded_manager = LegacyWebSocketManager()
+_MANAGERS: dict[str, LegacyWebSocketManager] = {}
+
+
+def apps(confirm: str = "1") -> dict[str, Any]:
+    """The three servers (built in the server process by ``_server_process``)."""
+    bare_manager = _MANAGERS["bare"] = LegacyWebSocketManager()
+    guarded_manager = _MANAGERS["guarded"] = LegacyWebSocketManager()
     guard = emitguard.guard(guarded_manager)
-    bare_app = legacy_app(bare_manager, lag=0.0)
-    guarded_app = EmitGuardMiddleware(
-        legacy_app(guarded_manager, lag=0.0), guard=guard, confirm_delivery=confirm
-    )
+    return {
+        "bare": legacy_app(bare_manager, lag=0.0),
+        "guarded": EmitGuardMiddleware(
+            legacy_app(guarded_manager, lag=0.0), guard=guard, confirm_delivery=confirm == "1"
+        ),
+        "socketio": socketio_app(),
+    }
+
+
+def report() -> dict[str, Any]:
+    """What the server process tells the benchmark when it stops."""
+    return {"lost_guarded": _MANAGERS["guarded"].lost}
+
+
+async def run(clients: int, events: int, rounds: int, confirm: bool = True) -> dict[str, Any]:
     rates: dict[str, list[float]] = {"bare": [], "guarded": [], "socketio": []}
-    try:
-        async with (
-            serve(bare_app) as bare,
-            serve(guarded_app) as guarded,
-            serve(socketio_app()) as sio,
-        ):
-            variants: dict[str, tuple[str, Client]] = {
-                "bare": (bare, _legacy_client),
-                "guarded": (guarded, _legacy_client),
-                "socketio": (sio, _socketio_client),
-            }
-            for address, client in variants.values():  # warm up
-                await _round(address, client, clients, events // 10 + 1)
-            for _ in range(rounds):
-                for name, (address, client) in variants.items():
-                    rates[name].append(await _round(address, client, clients, events))
-    finally:
-        emitguard.unguard(guarded_manager)
+    cpu: dict[str, list[float]] = {"bare": [], "guarded": [], "socketio": []}
+    clients_of: dict[str, Client] = {
+        "bare": _legacy_client,
+        "guarded": _legacy_client,
+        "socketio": _socketio_client,
+    }
+    with serving("sockets", "apps", "1" if confirm else "0") as server:
+        for name, client in clients_of.items():  # warm up
+            await _round(server.addresses[name], client, clients, events // 10 + 1)
+        for _ in range(rounds):
+            for name, client in clients_of.items():
+                before = server.cpu()
+                rates[name].append(await _round(server.addresses[name], client, clients, events))
+                cpu[name].append((server.cpu() - before) / (clients * events) * 1e6)
     medians = {name: statistics.median(values) for name, values in rates.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu.items()}
     return {
         "clients": clients,
         "events_per_client": events,
         "rounds": rounds,
         "confirm": confirm,
         "events_per_s": medians,
+        "server_cpu_us_per_event": cpu_medians,
         "guarded_vs_bare": medians["guarded"] / medians["bare"],
         "guarded_vs_socketio": medians["guarded"] / medians["socketio"],
+        "server_cpu_guarded_vs_bare": cpu_medians["guarded"] / cpu_medians["bare"],
         "guarded_vs_bare_per_round": [
             g / b for g, b in zip(rates["guarded"], rates["bare"], strict=True)
         ],
-        "lost_guarded": guarded_manager.lost,
+        "lost_guarded": server.report["lost_guarded"],
     }
 
 
@@ -193,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     spread = ", ".join(f"{r:.2f}" for r in result["guarded_vs_bare_per_round"])
     print(f"   guarded / bare     = {result['guarded_vs_bare']:.2f}x   (target >= 0.9x; {spread})")
     print(f"   guarded / socketio = {result['guarded_vs_socketio']:.2f}x   (reported)")
+    cpu = result["server_cpu_us_per_event"]
+    print(
+        f"   server CPU per event: bare {cpu['bare']:.1f} us, guarded {cpu['guarded']:.1f} us,"
+        f" socketio {cpu['socketio']:.1f} us; guarded / bare ="
+        f" {result['server_cpu_guarded_vs_bare']:.2f}x"
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(result, out, indent=2)

@@ -126,8 +126,13 @@ def legacy_app(
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
     """A TCP socket bound to a port the system picked (port 0), not listening yet: the port is
-    held from this moment on, so no other server can take it before this one listens."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held from this moment on, so no other server can take it before this one listens.
+
+    It is made with ``IPPROTO_TCP`` named, as ``loop.create_server(host, port)`` makes its
+    own: asyncio turns Nagle's algorithm off (``TCP_NODELAY``) only on sockets whose protocol
+    says TCP, so a socket made with protocol 0 would serve every connection with Nagle on,
+    and small frames would wait for the peer's delayed ACKs."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.bind((host, 0))
     except OSError:

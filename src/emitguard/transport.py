@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar, Token
+from typing import Any
 
 __all__ = ["Probe", "associating", "association", "frame_sent", "serving", "serving_owner"]
 
@@ -30,24 +31,48 @@ class Probe:
     """Counts the frames that leave while one original send runs (and after, for frames sent
     by tasks it spawned)."""
 
-    __slots__ = ("_waiter", "frames", "owners")
+    __slots__ = ("_waiter", "frames", "more", "owner")
 
     def __init__(self) -> None:
         self.frames = 0
-        self.owners: set[object] = set()
-        """The connections the frames left through, when the transport named them."""
+        self.owner: object = None
+        """The first connection a frame left through, when the transport named it."""
+        self.more: set[object] | None = None
+        """Any further connections (rare: made when needed)."""
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def owners(self) -> set[object]:
+        """The connections the frames left through, when the transport named them."""
+        found = set() if self.owner is None else {self.owner}
+        return found if self.more is None else found | self.more
+
+    def outside(self, known: set[Any]) -> set[object]:
+        """The connections frames left through that are not in ``known``."""
+        first = self.owner
+        if first is None or (self.more is None and first in known):
+            return set()
+        return self.owners - known
 
     def sent(self, owner: object = None) -> None:
         self.frames += 1
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-        if owner is not None:
-            try:
-                self.owners.add(owner)
-            except TypeError:  # an unhashable connection: counted, not remembered
-                return
+        if owner is not None and owner is not self.owner:
+            self._remember(owner)
+
+    def _remember(self, owner: object) -> None:
+        try:
+            if self.owner is None:
+                hash(owner)
+                self.owner = owner
+            elif owner != self.owner:
+                if self.more is None:
+                    self.more = set()
+                self.more.add(owner)
+        except TypeError:  # an unhashable connection: counted, not remembered
+            return
 
     async def wait(self, timeout: float, carriers: Iterable[object] = ()) -> bool:
         """Wait up to ``timeout`` seconds for a first frame; True when one left.
@@ -89,8 +114,13 @@ def frame_sent(owner: object = None) -> None:
     """A data frame left through the transport (of connection ``owner``, if known, and
     hashable)."""
     probe = PROBE.get()
-    if probe is not None:
-        probe.sent(owner)
+    if probe is not None:  # (Probe.sent, inlined: once per frame while confirming)
+        probe.frames += 1
+        waiter = probe._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if owner is not None and owner is not probe.owner:
+            probe._remember(owner)
     elif _watchers:
         try:
             waiting = list(_watchers.get(owner, ()))
