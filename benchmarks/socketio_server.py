@@ -3,13 +3,15 @@
     python benchmarks/socketio_server.py [--quick] [--clients N] [--events N] [--rounds N]
                                   [--missed N]
 
-Throughput: two uvicorn servers run the same python-socketio ``AsyncServer`` app side by side,
-one bare and one guarded with ``guard_server(sio, recovery=True)`` (seq stamping, replay
-window, transport confirmation). In each round N ``AsyncClient``s (websocket transport) join
-their room, then all at once ask for a run of E events emitted to their room and read them
-all; events/s is N*E over the time from that start to the last client done. Rounds alternate
-between the two servers; the figure is the ratio of the medians, guarded / bare (target
->= 0.9x), with how many rounds met it.
+Throughput: three uvicorn servers run the same python-socketio ``AsyncServer`` app side by
+side, in one child process (``_server_process``): bare, guarded with ``guard_server(sio)``
+(barrier, outbox, transport confirmation), and guarded with ``recovery=True`` (also a seq
+stamped on every emit, the replay window, and clients that dedupe with ``recovering``). In
+each round N ``AsyncClient``s (websocket transport) join their room, then all at once ask for
+a run of E events emitted to their room and read them all; events/s is N*E over the time from
+that start to the last client done. Rounds rotate the order of the servers; the figure is the
+ratio of the medians, guarded / bare (target >= 0.9x), with how many rounds met it, and the
+server process's CPU time per event.
 
 Recovery: a client is away while M events (default 1,000) are emitted to its room (another
 member stays, so they are delivered and land in the replay window); on its return it gets them
@@ -34,6 +36,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 import socketio  # noqa: E402
 
+sys.path.append(str(_HERE))  # after site-packages: for _server_process
+from _server_process import serving  # noqa: E402
+
 from emitguard_adapters.socketio import guard_server, recovering  # noqa: E402
 from emitguard_adapters.testing import serve  # noqa: E402
 
@@ -53,9 +58,11 @@ def app(events: dict[str, int]) -> socketio.AsyncServer:
     return sio
 
 
-async def one_client(url: str, room: str, events: int, go: asyncio.Event, guarded: bool) -> None:
+async def one_client(
+    url: str, room: str, events: int, go: asyncio.Event, recovery: bool
+) -> None:
     client = socketio.AsyncClient()
-    if guarded:
+    if recovery:
         state = recovering(client)
         auth: Any = state.auth
     else:
@@ -78,10 +85,10 @@ async def one_client(url: str, room: str, events: int, go: asyncio.Event, guarde
     await client.disconnect()
 
 
-async def round_rate(url: str, clients: int, events: int, guarded: bool) -> float:
+async def round_rate(url: str, clients: int, events: int, recovery: bool) -> float:
     go = asyncio.Event()
     tasks = [
-        asyncio.create_task(one_client(url, f"room-{i}", events, go, guarded))
+        asyncio.create_task(one_client(url, f"room-{i}", events, go, recovery))
         for i in range(clients)
     ]
     await asyncio.sleep(0.3)  # connected and joined (not timed)
@@ -91,34 +98,45 @@ async def round_rate(url: str, clients: int, events: int, guarded: bool) -> floa
     return clients * events / (time.perf_counter() - started)
 
 
+SERVERS = ("bare", "guarded", "recovery")
+
+
+def apps(events: str) -> dict[str, Any]:
+    """The three servers (built in the server process by ``_server_process``): bare,
+    guarded with the defaults (transport confirmation), guarded with ``recovery=True``."""
+    settings = {"n": int(events)}
+    built = {name: app(settings) for name in SERVERS}
+    guard_server(built["guarded"])
+    guard_server(built["recovery"], recovery=True, history=int(events))
+    return {name: socketio.ASGIApp(sio) for name, sio in built.items()}
+
+
 async def throughput(clients: int, events: int, rounds: int) -> None:
-    settings = {"n": events}
-    bare_sio, guarded_sio = app(settings), app(settings)
-    adapter = guard_server(guarded_sio, recovery=True, history=events)
-    rates: dict[str, list[float]] = {"bare": [], "guarded": []}
-    try:
-        async with (
-            serve(socketio.ASGIApp(bare_sio)) as bare,
-            serve(socketio.ASGIApp(guarded_sio)) as guarded,
-        ):
-            for number in range(rounds):
-                order = [("bare", bare), ("guarded", guarded)]
-                for name, address in order if number % 2 == 0 else order[::-1]:
-                    rate = await round_rate(f"http://{address}", clients, events, name == "guarded")
-                    rates[name].append(rate)
-    finally:
-        adapter.unguard()
-        await adapter.guard.aclose()
-    bare_median = statistics.median(rates["bare"])
-    guarded_median = statistics.median(rates["guarded"])
-    met = sum(g >= 0.9 * b for g, b in zip(rates["guarded"], rates["bare"], strict=True))
+    rates: dict[str, list[float]] = {name: [] for name in SERVERS}
+    cpu: dict[str, list[float]] = {name: [] for name in SERVERS}
+    with serving("socketio_server", "apps", str(events)) as server:
+        for number in range(rounds):
+            shift = number % len(SERVERS)  # each server takes each place in the order
+            for name in SERVERS[shift:] + SERVERS[:shift]:
+                url = f"http://{server.addresses[name]}"
+                before = server.cpu()
+                rates[name].append(await round_rate(url, clients, events, name == "recovery"))
+                cpu[name].append((server.cpu() - before) / (clients * events) * 1e6)
     print(f"throughput, {clients} clients x {events} events, {rounds} rounds")
-    print(f"  bare     median {bare_median:9.0f} events/s  {_spread(rates['bare'])}")
-    print(f"  guarded  median {guarded_median:9.0f} events/s  {_spread(rates['guarded'])}")
-    print(
-        f"  guarded / bare = {guarded_median / bare_median:.2f}x "
-        f"(target >= 0.9x; met in {met} of {rounds} rounds)"
-    )
+    for name in SERVERS:
+        print(
+            f"  {name:9}median {statistics.median(rates[name]):9.0f} events/s  "
+            f"{_spread(rates[name])}; server CPU {statistics.median(cpu[name]):.1f} us/event"
+        )
+    bare_rate, bare_cpu = statistics.median(rates["bare"]), statistics.median(cpu["bare"])
+    for name in SERVERS[1:]:
+        met = sum(g >= 0.9 * b for g, b in zip(rates[name], rates["bare"], strict=True))
+        print(
+            f"  {name} / bare = {statistics.median(rates[name]) / bare_rate:.2f}x "
+            f"(target >= 0.9x; met in {met} of {rounds} rounds); server CPU "
+            f"{statistics.median(cpu[name]) / bare_cpu:.2f}x"
+        )
+    print("  (server CPU per event includes the round's connects)")
 
 
 async def recovery(missed: int) -> None:

@@ -66,7 +66,6 @@ RESYNC_EVENT = "emitguard:resync"
 """Sent for a room whose missed events cannot all be replayed: ``{"room", "after",
 "latest", "reason"}``; the client must reload that room's state."""
 
-_EMIT_PARAMS = ("event", "data", "to", "room", "skip_sid", "namespace", "callback", "ignore_queue")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +85,8 @@ class SocketEvent:
         return self.event
 
     def stamped(self, seq: int) -> SocketEvent:
-        return dataclasses.replace(self, seq=seq)
+        """This event with its room's seq (``dataclasses.replace`` costs more: hot path)."""
+        return SocketEvent(self.event, self.data, self.namespace, self.room, seq)
 
     def wire(self) -> Any:
         """The ``data`` argument of the original emit (the marker appended once stamped)."""
@@ -158,22 +158,21 @@ class SocketIOGuard:
     async def _emit(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        call = _emit_call(args, kwargs)
-        event = call["event"]
-        target = call["to"] or call["room"]
-        namespace = call["namespace"] or "/"
+        event, data, target, skip_sid, namespace, callback, ignore_queue = _emit_call(
+            *args, **kwargs
+        )
+        namespace = namespace or "/"
         kind = event if isinstance(event, str) else None
-        data = call["data"]
         message = SocketEvent(event, None if data is MISSING else data, namespace, target)
         if (
             target is None
-            or call["skip_sid"] is not None
-            or call["callback"] is not None
+            or skip_sid is not None
+            or callback is not None
             or isinstance(target, (list, tuple, set))
         ):  # not one room: passed through unchanged
             await self.guard.send_call(None, message, wrapped, args, kwargs, _unchanged, kind)
             return
-        extra = {"ignore_queue": call["ignore_queue"]} if call["ignore_queue"] else {}
+        extra = {"ignore_queue": ignore_queue} if ignore_queue else {}
 
         live = self._live
 
@@ -193,7 +192,8 @@ class SocketIOGuard:
             return True
         server = self.server
         sockets = server.eio.sockets
-        for _, eio_sid in server.manager.get_participants(namespace, room):
+        members = server.manager.rooms.get(namespace, {}).get(room)  # (sid -> eio sid)
+        for eio_sid in members.values() if members else ():
             socket = sockets.get(eio_sid)
             if socket is not None and not socket.closed:
                 return True
@@ -350,13 +350,20 @@ def _unchanged(
     return args, kwargs
 
 
-def _emit_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    call: dict[str, Any] = dict.fromkeys(_EMIT_PARAMS)
-    call["data"] = MISSING
-    call["ignore_queue"] = False
-    call.update(zip(_EMIT_PARAMS, args, strict=False))
-    call.update(kwargs)
-    return call
+def _emit_call(
+    event: Any,
+    data: Any = MISSING,
+    to: Any = None,
+    room: Any = None,
+    skip_sid: Any = None,
+    namespace: str | None = None,
+    callback: Any = None,
+    ignore_queue: bool = False,
+    **_: Any,
+) -> tuple[Any, Any, Any, Any, str | None, Any, bool]:
+    """The arguments of ``AsyncServer.emit`` that the guard reads, bound as python-socketio
+    binds them (a call of this, not a dict: the emit path is hot)."""
+    return event, data, to if to is not None else room, skip_sid, namespace, callback, ignore_queue
 
 
 def _room_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str, Any]:

@@ -84,9 +84,14 @@ class Pipeline:
         observes the sends, a delivery needs more than the call, or the guard is closed."""
         self.plain = True
         """A delivery needs nothing but the call: no stamp, no replay window, no
-        subscription (the fast paths may serve)."""
+        subscription (the plain fast path may serve)."""
+        self.direct = True
+        """A delivery needs the call, and at most a seq stamp and the replay window: no
+        subscription, no shared log (the observed fast path may serve)."""
         self.observed = False
-        """A listener, telemetry or transport confirmation: sends take the observed fast path."""
+        """Sends take the observed fast path: a listener, telemetry or transport confirmation
+        wants to see them, or a stamp or the replay window, which the plain path skips."""
+        self.window = recorder.window
         self.listening = False
         """Someone listens to records: the observed fast path makes one per delivery."""
         self.closed = False
@@ -94,11 +99,14 @@ class Pipeline:
         self.relay: Relay | None = None
         """Set with a shared backend: every send goes through the thread's shared log."""
 
-    def plan(self, *, plain: bool, listening: bool, instrumented: bool, closed: bool) -> None:
+    def plan(
+        self, *, subscribed: bool, listening: bool, instrumented: bool, closed: bool
+    ) -> None:
         """Choose the fast path that fits what is attached to the guard now."""
-        self.plain = plain and self._stamp is None and self.relay is None
+        self.direct = not subscribed and self.relay is None
+        self.plain = self.direct and self._stamp is None and self.window is None
         self.listening = listening
-        self.observed = listening or instrumented
+        self.observed = listening or instrumented or (self.direct and not self.plain)
         self.closed = closed
         self.fast = self._table.slots if self.plain and not self.observed and not closed else {}
 
@@ -172,7 +180,7 @@ class Pipeline:
         """
         seq = self._next_seq(slot)
         if self._stamp is not None:
-            message = self._stamped(message, seq)
+            message = self.stamped(message, seq)
         waited, attempts = 0.0, 0
         stage: str | None = "while waiting for the thread"
         flow = self._flow
@@ -294,7 +302,7 @@ class Pipeline:
         self._recorder.seq_recorded()
         try:
             if self._stamp is not None:
-                message = self._stamped(message, seq)
+                message = self.stamped(message, seq)
             if cancelled:
                 entry = self._flow.entry(slot, seq, message, call, True, time.time(), 1)
                 await self._keep(slot, entry, "sender cancelled during send")
@@ -322,7 +330,7 @@ class Pipeline:
             pending.outcome.append(result)
             return True
         seq = self._next_seq(slot)
-        message = self._stamped(pending.message, seq) if self._stamp else pending.message
+        message = self.stamped(pending.message, seq) if self._stamp else pending.message
         entry = self._flow.entry(slot, seq, message, pending.call, True, pending.created_at, 0)
         future = ticket.future
         if future is not None and entry.loop is None:
@@ -394,7 +402,7 @@ class Pipeline:
     def _sync_in_line(self, slot: ThreadSlot, message: Any, call: Call, created_at: float) -> bool:
         seq = self._next_seq(slot)
         if self._stamp is not None:
-            message = self._stamped(message, seq)
+            message = self.stamped(message, seq)
         if slot.state is CONNECTED and not slot.backlog:
             verdict, why = drive(self.delivery.attempt(call, message, False, slot, seq))
             judged: bool = drive(
@@ -491,7 +499,13 @@ class Pipeline:
         self._recorder.seq_recorded()
         return slot.seq
 
-    def _stamped(self, message: Any, seq: int) -> Any:
+    @property
+    def stamps(self) -> bool:
+        """Messages carry their seq (option ``stamp_seq``)."""
+        return self._stamp is not None
+
+    def stamped(self, message: Any, seq: int) -> Any:
+        """The message with its seq stamped in (option ``stamp_seq``), or as it is."""
         stamp = self._stamp
         if isinstance(stamp, str):
             return {**message, stamp: seq} if isinstance(message, dict) else message

@@ -51,6 +51,8 @@ class Recorder:
         self._warned: OrderedDict[tuple[str, Any], None] = OrderedDict()
         self._tel = telemetry
         self._window = window
+        self.window = window
+        """The replay window that delivered records feed (``None``: no ``history``)."""
         self._strict = strict
         self._lock = threading.Lock()
         self.counts: dict[Outcome, int] = dict.fromkeys(Outcome, 0)
@@ -151,8 +153,8 @@ class Recorder:
         with self._lock:
             self.counts[Outcome.DELIVERED] += 1
             self.recorded_seqs += 1
-        if self._window is not None:  # (the fast path does not run with a window: kept
-            self._window.remember(thread_id, seq, message)  # for the contract's sake)
+        if self._window is not None:
+            self._window.remember(thread_id, seq, message)
         if self._tel.active:
             self._tel.noted(record)
         hooks.emitted(record, self._guard)

@@ -179,7 +179,7 @@ class Senders:
         pipeline = self._pipeline
         if names_no_thread(thread_id) and not pipeline.closed:
             return pipeline.passed(message, Call(fn, args, kwargs, rebind, kind))
-        if pipeline.observed:
+        if pipeline.direct:  # (the fast path, which hands anything else to the general one)
             return self._observed(thread_id, message, fn, args, kwargs, rebind, kind)
         return pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
 
@@ -212,9 +212,11 @@ class Senders:
         rebind: Rebind,
         kind: str | None = None,
     ) -> bool:
-        """The fast path while a listener, telemetry or transport confirmation is active.
+        """The fast path while a listener, telemetry or transport confirmation is active, or
+        messages get a seq stamp or go to the replay window.
 
-        A send to a CONNECTED thread with nothing queued is delivered here; then it gets its
+        A send to a CONNECTED thread with nothing queued is delivered here (stamped, and kept
+        in the window once delivered); then it gets its
         record (for listeners) and its span, started at the time of the call and carrying
         every attribute from the start (no context switch around the call;
         ``docs/performance.md``).
@@ -234,7 +236,7 @@ class Senders:
             or slot.backlog
             or message is None
             or message is MISSING
-            or not pipeline.plain
+            or not pipeline.direct
             or pipeline.closed
             or not slot.line
         ):
@@ -247,6 +249,10 @@ class Senders:
                 return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
         started = time.time_ns() if tel.active or pipeline.listening else 0
         seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
+        sent = message  # what the original gets: with its seq stamped in, if stamped
+        if pipeline.stamps:
+            sent = pipeline.stamped(message, seq)
+            args, kwargs = rebind(args, kwargs, sent)
         confirm = pipeline.delivery.confirm
         probe = token = None
         if confirm is not None:  # (transport.open_probe, inlined: this path is hot)
@@ -293,11 +299,15 @@ class Senders:
             for new in probe.outside(slot.owners):
                 self._table.own(slot, new)
         slot.seq = seq
+        # Recorded while the line is held, as on the general path: a waiter woken by the
+        # release may deliver (and record) the next seq at once.
+        if pipeline.listening:  # the record counts it, tells telemetry, feeds the window
+            pipeline.delivered_fast(slot, seq, sent, started / 1e9, kind)
+        elif pipeline.window is not None:
+            pipeline.window.remember(slot.thread_id, seq, sent)
         slot.line.append(True)
         if slot.tickets:
             self._table.lines.recheck(slot)
-        if pipeline.listening:  # the record counts it (and tells telemetry)
-            pipeline.delivered_fast(slot, seq, message, started / 1e9, kind)
         if tel.active:  # (off when only a listener or confirmation brought the send here)
             event_type = kind if kind is not None else tel.type_of(message)
             if not pipeline.listening:
@@ -306,6 +316,6 @@ class Senders:
                 SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True
             )
             if span is not None:
-                tel.hook(span, slot.thread_id, message)
+                tel.hook(span, slot.thread_id, sent)
                 span.end()
         return True

@@ -157,7 +157,7 @@ class Guard:
 
     def _plan(self) -> None:
         self._pipeline.plan(
-            plain=self._window is None and not self._subscribed,
+            subscribed=bool(self._subscribed),
             listening=hooks.listening(),
             instrumented=self._tel.active or self._delivery.confirm is not None,
             closed=self.closed,
