@@ -2,7 +2,7 @@
 
     python benchmarks/sockets.py [--quick] [--clients N] [--events N] [--rounds N] [--no-confirm]
 
-Three uvicorn servers run side by side in this process:
+Three uvicorn servers run side by side in one child process (``_server_process``):
 
 - ``bare``: the report's legacy manager (``LegacyWebSocketManager``) behind a Starlette ``/ws``;
 - ``guarded``: the same, with ``emitguard.guard(manager)`` and ``EmitGuardMiddleware``
@@ -14,7 +14,8 @@ In each round, N clients connect and join their thread (not timed), then all at 
 agent run of E events and read them all; events/s is N*E over the time from that start to the
 last client done. Rounds alternate between the three. Ratios of the medians are the figures:
 guarded / bare (target >= 0.9x) and guarded / socketio (reported; we aim to be faster).
-Absolute rates are for context only: clients and servers share one process and two cores.
+The server process's CPU time per event is reported next to them. Absolute rates are for
+context only: the clients' process and the servers' share two cores.
 """
 
 from __future__ import annotations
