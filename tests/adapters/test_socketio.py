@@ -136,7 +136,7 @@ async def conversations(shape: str, *, guarded: bool) -> tuple[int, list[float]]
         @c.event
         async def connect() -> None:
             nonlocal first
-            if first or not guarded:  # a plain app re-joins; a recovered one is back in
+            if first or state is None or not state.recovered:  # a recovered one is back in
                 first = False
                 await c.emit("join", room)
 
@@ -201,7 +201,7 @@ async def test_recovery_replays_what_a_client_missed_in_order() -> None:
     adapter.unguard()
 
 
-async def test_away_longer_than_allowed_gets_a_resync_then_live_events() -> None:
+async def test_away_longer_than_allowed_is_a_fresh_session_with_no_replay() -> None:
     sio = socketio.AsyncServer(async_mode="asgi")
     adapter = guard_server(sio, recovery=True, history=10, max_disconnection_duration=0.2)
 
@@ -213,23 +213,29 @@ async def test_away_longer_than_allowed_gets_a_resync_then_live_events() -> None
         received: list[int] = []
         c = client(reconnection_delay=0.5, reconnection_delay_max=0.5)
         state = recovering(c)
+        sessions: list[tuple[str | None, bool]] = []
 
         @c.event
         async def connect() -> None:
-            await c.emit("join", "room-1")  # the app joins again when not recovered
+            sessions.append((c.get_sid(), state.recovered))
+            if not state.recovered:
+                await c.emit("join", "room-1")  # the app joins again when not recovered
 
         c.on("tick", lambda data: received.append(data["n"]))
         await c.connect(url, transports=["websocket"], auth=state.auth)
         await until(lambda: adapter.guard.state(("/", "room-1")) is ConnectionState.CONNECTED)
         await sio.emit("tick", {"n": 0}, to="room-1")
         await until(lambda: received == [0])
+        first_pid = state.pid
         abort(c)
-        await until(lambda: bool(state.resyncs), timeout=3.0)
-        assert state.recovered is False
-        assert state.resyncs[0]["room"] == "room-1"
-        assert state.resyncs[0]["after"] == 1
-        await until(lambda: adapter.guard.state(("/", "room-1")) is ConnectionState.CONNECTED)
-        await sio.emit("tick", {"n": 1}, to="room-1")
-        await until(lambda: received[-1:] == [1])
+        await until(lambda: adapter.guard.state(("/", "room-1")) is not ConnectionState.CONNECTED)
+        for n in range(1, 4):  # delivered nowhere: kept in the room's outbox
+            await sio.emit("tick", {"n": n}, to="room-1")
+        await until(lambda: len(sessions) == 2, timeout=3.0)
+        assert sessions[1][1] is False  # not recovered: a fresh session
+        assert sessions[1][0] != sessions[0][0]
+        assert state.pid != first_pid
+        await until(lambda: received[-1:] == [3])  # the outbox flushes on the new join
+        assert received == [0, 1, 2, 3]
         await c.disconnect()
     adapter.unguard()
