@@ -24,6 +24,8 @@ class Recovery:
         self.duplicates = 0
         """Events dropped because their offset was not past the last one (none expected)."""
         self._auth = auth
+        self._epoch = ""
+        self._position = 0
 
     async def auth(self) -> dict[str, Any]:
         """The CONNECT auth: ``pid`` and ``offset`` (once known) with the app's own auth
@@ -50,32 +52,35 @@ class Recovery:
             self.recovered = isinstance(pid, str) and pid == self.pid
             self.pid = pid if isinstance(pid, str) else None
             if not self.recovered:
-                self.offset = None
+                self.offset, self._epoch, self._position = None, "", 0
+        return await wrapped(*args, **kwargs)
+
+    async def disconnecting(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        # On purpose: the session ends. (python-socketio's client closes its transport right
+        # after its DISCONNECT packet, and the server may see only the transport closing.)
+        self.pid = None
         return await wrapped(*args, **kwargs)
 
     async def trigger(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if len(args) > 2 and args[1] == self.namespace and isinstance(args[-1], str):
-            offset = args[-1]
-            if self.pid is not None and _newer(offset, self.offset) is not None:
-                if not _newer(offset, self.offset):
+        if (
+            len(args) > 2
+            and self.pid is not None
+            and isinstance(offset := args[-1], str)
+            and args[1] == self.namespace
+        ):
+            epoch, dot, number = offset.partition(".")
+            if dot and number.isdigit():  # an offset (not the app's own string argument)
+                position = int(number)
+                if epoch == self._epoch and position <= self._position:
                     self.duplicates += 1
                     return None  # seen before
-                self.offset = offset
+                self._epoch, self._position, self.offset = epoch, position, offset
                 args = args[:-1]  # the app's handlers see the event as it was emitted
         return await wrapped(*args, **kwargs)
-
-
-def _newer(offset: str, last: str | None) -> bool | None:
-    """Whether ``offset`` comes after ``last`` (``None``: ``offset`` is not an offset)."""
-    epoch, _, number = offset.partition(".")
-    if not epoch or not number.isdigit():
-        return None
-    if last is None:
-        return True
-    last_epoch, _, last_number = last.partition(".")
-    return epoch != last_epoch or int(number) > int(last_number)
 
 
 def recovering(client: Any, auth: Any = None, namespace: str = "/") -> Recovery:
@@ -85,4 +90,5 @@ def recovering(client: Any, auth: Any = None, namespace: str = "/") -> Recovery:
     recovery = Recovery(client, auth, namespace)
     client._handle_connect = Guarded(client._handle_connect, recovery.connected)
     client._trigger_event = Guarded(client._trigger_event, recovery.trigger)
+    client.disconnect = Guarded(client.disconnect, recovery.disconnecting)
     return recovery

@@ -239,3 +239,100 @@ async def test_away_longer_than_allowed_is_a_fresh_session_with_no_replay() -> N
         assert received == [0, 1, 2, 3]
         await c.disconnect()
     adapter.unguard()
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-handler", "run-handler"])
+async def test_a_recovered_session_keeps_its_sid_and_what_was_sent_to_it(skip: bool) -> None:
+    """The sid survives recovery, so events sent to the client's own sid room while it was
+    away reach it; the app's connect handler runs again only with ``skip_connect_handler``
+    off (and can tell the session is recovered)."""
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=100, skip_connect_handler=skip)
+    handled: list[tuple[str, bool]] = []
+
+    @sio.event
+    async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+        handled.append((sid, adapter.recovered(sid)))
+
+    async with running(sio) as url:
+        got: list[int] = []
+        c = client(reconnection_delay=0.3, reconnection_delay_max=0.3)
+        state = recovering(c)
+        c.on("note", got.append)
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        sid = c.get_sid()
+        assert sid is not None
+        await sio.emit("note", 0, to=sid)
+        await until(lambda: got == [0])
+        abort(c)
+        await until(lambda: not sio.manager.is_connected(sid, "/"))
+        for n in range(1, 6):  # to its sid room while it is away
+            await sio.emit("note", n, to=sid)
+        await until(lambda: got == [0, 1, 2, 3, 4, 5])
+        assert state.recovered is True
+        assert c.get_sid() == sid
+        await c.disconnect()
+    adapter.unguard()
+    assert handled == ([(sid, False)] if skip else [(sid, False), (sid, True)])
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+async def test_a_disconnect_on_purpose_ends_the_session(who: str) -> None:
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=100)
+    async with running(sio) as url:
+        got: list[int] = []
+        c = client(reconnection=False)
+        state = recovering(c)
+        c.on("note", got.append)
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        sid = c.get_sid()
+        assert sid is not None
+        await sio.emit("note", 0, to=sid)
+        await until(lambda: got == [0])
+        if who == "client":
+            await c.disconnect()
+        else:
+            await sio.disconnect(sid)
+            await until(lambda: not c.connected)
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        assert state.recovered is False
+        assert c.get_sid() != sid
+        await c.disconnect()
+    adapter.unguard()
+
+
+async def test_broadcasts_carry_offsets_and_keep_the_client_position_right() -> None:
+    """A broadcast is not replayed, but its offset is a place in the write order: a client
+    whose last event was a broadcast recovers the room events that followed it."""
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=100)
+
+    @sio.event
+    async def join(sid: str, room: str) -> bool:
+        await sio.enter_room(sid, room)
+        return True
+
+    async with running(sio) as url:
+        watcher = client()
+        await watcher.connect(url, transports=["websocket"])
+        await watcher.call("join", "room-1")
+        got: list[Any] = []
+        c = client(reconnection_delay=0.3, reconnection_delay_max=0.3)
+        state = recovering(c)
+        c.on("*", lambda event, *args: got.append((event, *args)))
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        await c.call("join", "room-1")
+        await sio.emit("tick", 1, to="room-1")
+        await sio.emit("news", "all")  # a broadcast: the client's last offset
+        await until(lambda: len(got) == 2)
+        abort(c)
+        await until(lambda: len(sio.manager.rooms["/"]["room-1"]) == 1)
+        for n in range(2, 5):  # delivered to the watcher: kept in the window
+            await sio.emit("tick", n, to="room-1")
+        await until(lambda: len(got) == 5)
+        assert state.recovered is True
+        assert got == [("tick", 1), ("news", "all"), ("tick", 2), ("tick", 3), ("tick", 4)]
+        await c.disconnect()
+        await watcher.disconnect()
+    adapter.unguard()
