@@ -163,11 +163,9 @@ async def recovery(missed: int) -> None:
             await client.connect(url, transports=["websocket"], auth=state.auth)
             await client.call("join", "room")
             await sio.emit("tick", {"n": -1}, to="room")  # the client's offset
-            while not received:
-                await asyncio.sleep(0.01)
+            await _until(lambda: bool(received))
             client.eio.ws._response.connection.transport.abort()  # away (the network went)
-            while len(sio.manager.rooms["/"]["room"]) > 1 or client.connected:
-                await asyncio.sleep(0.01)
+            await _until(lambda: len(sio.manager.rooms["/"]["room"]) == 1 and not client.connected)
             for n in range(missed):
                 await sio.emit("tick", {"n": n}, to="room")  # delivered to the observer
             started = time.perf_counter()
@@ -186,6 +184,14 @@ async def recovery(missed: int) -> None:
         f"  reconnect to first live event: {elapsed * 1000:.1f} ms; "
         f"recovered={state.recovered}; all {missed + 2} in order: {in_order}"
     )
+
+
+async def _until(predicate: Any) -> None:
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise RuntimeError("the recovery run got stuck")
 
 
 def _spread(values: list[float]) -> str:

@@ -12,7 +12,7 @@ import socketio
 from socketio_support import abort, client, running, until
 
 from emitguard import ConnectionState, Outcome
-from emitguard_adapters.socketio import guard_server, recovering
+from emitguard_adapters.socketio import Recovery, guard_server, recovering
 
 
 async def test_rooms_broadcasts_sid_rooms_and_namespaces() -> None:
@@ -241,6 +241,22 @@ async def test_away_longer_than_allowed_is_a_fresh_session_with_no_replay() -> N
     adapter.unguard()
 
 
+async def noted(
+    sio: socketio.AsyncServer, url: str, **options: Any
+) -> tuple[socketio.AsyncClient, Recovery, str, list[int]]:
+    """A recovering client that has received one "note" (its offset) in its sid room."""
+    got: list[int] = []
+    c = client(**options)
+    state = recovering(c)
+    c.on("note", got.append)
+    await c.connect(url, transports=["websocket"], auth=state.auth)
+    sid = c.get_sid()
+    assert sid is not None
+    await sio.emit("note", 0, to=sid)
+    await until(lambda: got == [0])
+    return c, state, sid, got
+
+
 @pytest.mark.parametrize("skip", [True, False], ids=["skip-handler", "run-handler"])
 async def test_a_recovered_session_keeps_its_sid_and_what_was_sent_to_it(skip: bool) -> None:
     """The sid survives recovery, so events sent to the client's own sid room while it was
@@ -255,15 +271,9 @@ async def test_a_recovered_session_keeps_its_sid_and_what_was_sent_to_it(skip: b
         handled.append((sid, adapter.recovered(sid)))
 
     async with running(sio) as url:
-        got: list[int] = []
-        c = client(reconnection_delay=0.3, reconnection_delay_max=0.3)
-        state = recovering(c)
-        c.on("note", got.append)
-        await c.connect(url, transports=["websocket"], auth=state.auth)
-        sid = c.get_sid()
-        assert sid is not None
-        await sio.emit("note", 0, to=sid)
-        await until(lambda: got == [0])
+        c, state, sid, got = await noted(
+            sio, url, reconnection_delay=0.3, reconnection_delay_max=0.3
+        )
         abort(c)
         await until(lambda: not sio.manager.is_connected(sid, "/"))
         for n in range(1, 6):  # to its sid room while it is away
@@ -281,15 +291,7 @@ async def test_a_disconnect_on_purpose_ends_the_session(who: str) -> None:
     sio = socketio.AsyncServer(async_mode="asgi")
     adapter = guard_server(sio, recovery=True, history=100)
     async with running(sio) as url:
-        got: list[int] = []
-        c = client(reconnection=False)
-        state = recovering(c)
-        c.on("note", got.append)
-        await c.connect(url, transports=["websocket"], auth=state.auth)
-        sid = c.get_sid()
-        assert sid is not None
-        await sio.emit("note", 0, to=sid)
-        await until(lambda: got == [0])
+        c, state, sid, _ = await noted(sio, url, reconnection=False)
         if who == "client":
             await c.disconnect()
         else:
