@@ -66,6 +66,8 @@ class Sessions:
         """Recoverable events handed to python-socketio so far (the last offset's number)."""
         self.live: dict[tuple[str, str], Session] = {}
         """(namespace, sid) -> the session while connected."""
+        self.sids: dict[tuple[str, str], str] = {}
+        """(namespace, pid) -> the sid of a session while connected."""
         self.departed: OrderedDict[tuple[str, str], Session] = OrderedDict()
         """(namespace, pid) -> a session whose transport went, oldest first."""
         self.restoring: dict[tuple[str, str], Any] = {}
@@ -102,6 +104,7 @@ class Sessions:
     def opened(self, namespace: str, sid: str, pid: str | None = None) -> Session:
         session = Session(pid or secrets.token_urlsafe(12), sid, {sid: self.written})
         self.live[(namespace, sid)] = session
+        self.sids[(namespace, session.pid)] = sid
         return session
 
     def entered(self, namespace: str, sid: str, room: Any) -> None:
@@ -126,7 +129,10 @@ class Sessions:
     def went(self, namespace: str, sid: str) -> None:
         self.recovered.discard((namespace, sid))
         session = self.live.pop((namespace, sid), None)
-        if session is None or not session.recoverable:
+        if session is None:
+            return
+        self.sids.pop((namespace, session.pid), None)
+        if not session.recoverable:
             return
         now = session.left_at = time.monotonic()
         self.departed[(namespace, session.pid)] = session
@@ -147,9 +153,8 @@ class Sessions:
         pid, position = auth.get("pid"), self.position(auth.get("offset"))
         if not isinstance(pid, str) or position is None:
             return None
-        stale = next(
-            (s for (ns, _), s in self.live.items() if ns == namespace and s.pid == pid), None
-        )
+        sid = self.sids.get((namespace, pid))
+        stale = self.live.get((namespace, sid)) if sid is not None else None
         if stale is not None and stale.recoverable:  # back before the server saw it go
             server = self.adapter.server
             await _original(server.disconnect)(stale.sid, namespace=namespace, ignore_queue=True)

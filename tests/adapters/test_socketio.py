@@ -92,7 +92,9 @@ async def test_shapes_thirty_conversations_every_third_client_dropping(shape: st
     )
     assert guarded_lost == 0
     assert unguarded_lost > 0
-    assert max(connects) < 0.050
+    # No connect handler waits on a barrier (ready_timeout is 2 s); typical is a few ms, and
+    # the bound leaves room for a worker descheduled by a parallel test (Node, subprocesses).
+    assert max(connects) < 0.25
 
 
 RUNS, EVENTS, DROP_AT = 30, 15, 5
