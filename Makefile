@@ -15,7 +15,12 @@ DEMO_STAMP := $(DEMO_VENV)/.installed
 # a missing path would make ruff fail with E902.
 LINT_PATHS := $(wildcard src adapters plugin tests benchmarks)
 
-.PHONY: venv demo-venv test chaos demo lint bench dist clean distclean
+# The official Socket.IO client for tests/adapters/test_socketio_js.py and the browser test,
+# from tests/js/package-lock.json (without npm those tests skip and say why).
+JS       := tests/js
+JS_STAMP := $(JS)/node_modules/.installed
+
+.PHONY: venv js demo-venv test chaos demo lint bench dist clean distclean
 
 venv: $(STAMP)
 
@@ -29,6 +34,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
+js: $(JS_STAMP)
+
+$(JS_STAMP): $(JS)/package.json $(JS)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm ci --prefix $(JS) --no-audit --no-fund && touch $@; \
+	else \
+		echo "npm is not installed: the Socket.IO client tests will skip"; \
+	fi
+
 demo-venv: $(DEMO_STAMP)
 
 $(DEMO_BIN)/python:
@@ -40,7 +54,7 @@ $(DEMO_STAMP): pyproject.toml | $(DEMO_BIN)/python
 
 # coverage starts before pytest, so the pytest11 plugin (imported while pytest loads its
 # plugins) is measured like everything else.
-test: venv
+test: venv js
 	$(BIN)/python -m coverage run -m pytest
 	$(BIN)/python -m coverage report
 
@@ -75,4 +89,4 @@ clean:
 		-prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(DEMO_VENV)
+	rm -rf $(VENV) $(DEMO_VENV) $(JS)/node_modules

@@ -107,6 +107,9 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/_writer.py": ("starlette",),
     # guards a python-socketio server it is handed: needs no import of it (the extra installs it)
     "adapters/emitguard_adapters/socketio.py": ("socketio",),
+    "adapters/emitguard_adapters/_sio_client.py": (),
+    "adapters/emitguard_adapters/_sio_patch.py": (),
+    "adapters/emitguard_adapters/_sio_recovery.py": (),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
     "adapters/emitguard_adapters/testing.py": ("demo",),
     # docs/starlette.md: the extra, and uvicorn from `demo` to run the example app

@@ -14,38 +14,30 @@
   session is live (checked in the manager's rooms and Engine.IO's sessions as the emit goes
   out); an emit into a room whose sockets are gone is kept, not counted as delivered.
 
-With ``recovery=True`` (Socket.IO 4.6's connection state recovery, for python-socketio): every
-guarded emit carries its room's ``seq`` as one more argument (``{"emitguard": [room, seq]}``);
-a client using :func:`recovering` keeps the last ``seq`` per room, drops duplicates, and on
-reconnect sends its previous session id and offsets in the connect ``auth`` payload. After the
-app's own connect handler accepted that connection (it sees the offsets and may remove rooms
-from them, or refuse), the server puts the client back into the rooms its previous session was
-in and replays what it missed from the guard's replay window, then emits
-``emitguard:recovery`` ``{"recovered": true, ...}``; a room the window no longer covers, or a
-client away longer than ``max_disconnection_duration``, gets an explicit
-``emitguard:resync`` instead (never a silent gap).
+With ``recovery=True``, Socket.IO 4.6's connection state recovery, in its own protocol: the
+stock ``socket.io-client`` (v4.6+) recovers with no client code. The CONNECT answer carries a
+``pid``; every recoverable emit carries an offset string as its last argument; a client that
+comes back with ``pid`` and its last offset in its CONNECT auth gets the same sid, its rooms,
+and every event it missed, in order, before the answer with the same ``pid``
+(``socket.recovered``); or, when the replay window or ``max_disconnection_duration`` does
+not cover the gap, a fresh session and no replay at all. See ``_sio_recovery``;
+:func:`recovering` is the same client side for python-socketio's ``AsyncClient``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
-import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from typing import TYPE_CHECKING, Any
-
-import wrapt
+from typing import Any
 
 from emitguard import AdapterError, Guard
 from emitguard.calls import MISSING
+from emitguard_adapters._sio_client import Recovery, recovering
+from emitguard_adapters._sio_patch import Guarded as _Guarded
+from emitguard_adapters._sio_recovery import Sessions
 
 __all__ = [
-    "MARKER",
-    "RECOVERY_EVENT",
-    "RESYNC_EVENT",
-    "SESSION_EVENT",
     "Recovery",
     "SocketEvent",
     "SocketIOGuard",
@@ -55,20 +47,7 @@ __all__ = [
 
 log = logging.getLogger("emitguard.adapters.socketio")
 
-MARKER = "emitguard"
-"""Key of the extra last argument ``{"emitguard": [room, seq]}`` of recovered emits, and of
-the client's section of the connect ``auth`` payload."""
-SESSION_EVENT = "emitguard:session"
-"""Sent to a client when it connects: ``{"pid": <private id of this session>}``."""
-RECOVERY_EVENT = "emitguard:recovery"
-"""Sent after a recovery attempt: ``{"recovered": bool, "rooms": [...], "resync": [...]}``."""
-RESYNC_EVENT = "emitguard:resync"
-"""Sent for a room whose missed events cannot all be replayed: ``{"room", "after",
-"latest", "reason"}``; the client must reload that room's state."""
-
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)
 class SocketEvent:
     """One guarded emit, as the guard keeps it (records show it as ``message``)."""
 
@@ -76,29 +55,29 @@ class SocketEvent:
     data: Any
     namespace: str
     room: Hashable
-    seq: int = 0
-    """The room's sequence number, once stamped (with ``recovery=True``)."""
+    written: int = 0
+    """Its place in the server's write order, once handed to python-socketio with recovery
+    (0: not yet, or no recovery)."""
+    offset: str = ""
+    """The offset appended as its last argument (with recovery)."""
 
     @property
     def type(self) -> str:
         """The event name: the record's ``event_type``."""
         return self.event
 
-    def stamped(self, seq: int) -> SocketEvent:
-        """This event with its room's seq (``dataclasses.replace`` costs more: hot path)."""
-        return SocketEvent(self.event, self.data, self.namespace, self.room, seq)
-
     def wire(self) -> Any:
-        """The ``data`` argument of the original emit (the marker appended once stamped)."""
-        if not self.seq:
+        """The ``data`` argument of the original emit (the offset appended, if it has one)."""
+        if not self.offset:
             return self.data
-        if isinstance(self.data, tuple):
-            args: tuple[Any, ...] = self.data
-        elif self.data is None:
-            args = ()
-        else:
-            args = (self.data,)
-        return (*args, {MARKER: [self.room, self.seq]})
+        return (*_arguments(self.data), self.offset)
+
+
+def _arguments(data: Any) -> tuple[Any, ...]:
+    """An emit's ``data`` as python-socketio expands it into arguments."""
+    if isinstance(data, tuple):
+        return data
+    return () if data is None else (data,)
 
 
 class SocketIOGuard:
@@ -112,22 +91,21 @@ class SocketIOGuard:
         *,
         recovery: bool,
         max_disconnection_duration: float,
+        skip_connect_handler: bool = True,
     ) -> None:
         self.server = server
         self.guard = guard
         self.recovery = recovery
         self.confirm = True
-        self.max_disconnection_duration = max_disconnection_duration
+        self.skip_connect_handler = skip_connect_handler
+        self.sessions = Sessions(self, max_disconnection_duration)
+        """Recovery's state: pids, offsets, sessions kept for their client's return."""
         self._patches: list[tuple[Any, str]] = []
-        self._departed: OrderedDict[tuple[str, str], tuple[float, dict[Any, int]]] = OrderedDict()
-        """(namespace, pid) of sessions that went away: when, and the rooms they were in with
-        the room's seq when they entered it."""
-        self._joined: dict[tuple[str, str], dict[Any, int]] = {}
-        """(namespace, sid) -> room -> the room's seq when the sid entered it."""
-        self._pids: dict[tuple[str, str], str] = {}
-        """(namespace, sid) -> the private id of that session (with recovery)."""
-        self._sessions: dict[tuple[str, str], str] = {}
-        """(namespace, pid) -> the sid of a session still connected."""
+
+    def recovered(self, sid: str, namespace: str = "/") -> bool:
+        """Whether the session ``sid`` was restored by its current connection (Socket.IO's
+        ``socket.recovered``): a connect handler that is not skipped can tell."""
+        return (namespace, sid) in self.sessions.recovered
 
     # ------------------------------------------------------------ patching
 
@@ -137,7 +115,12 @@ class SocketIOGuard:
         self._wrap(manager, "basic_enter_room", self._entered)
         self._wrap(manager, "basic_leave_room", self._left)
         if self.recovery:
-            self._wrap(server, "_handle_connect", self._connected)
+            self._wrap(server, "_handle_connect", self._connecting)
+            self._wrap(manager, "pre_connect", self._pre_connect)
+            self._wrap(server, "_send_packet", self._send_packet)
+            self._wrap(server, "_trigger_event", self._trigger_event)
+            self._wrap(server, "_handle_disconnect", self._client_disconnect)
+            self._wrap(server, "disconnect", self._server_disconnect)
 
     def _wrap(self, holder: Any, name: str, wrapper: Callable[..., Any]) -> None:
         current = getattr(holder, name)
@@ -169,16 +152,20 @@ class SocketIOGuard:
             or skip_sid is not None
             or callback is not None
             or isinstance(target, (list, tuple, set))
-        ):  # not one room: passed through unchanged
+        ):  # not one room: passed through unchanged (with an offset, under recovery)
+            if self.recovery and callback is None:
+                args, kwargs = _with_offset(args, kwargs, self.sessions.next_offset())
             await self.guard.send_call(None, message, wrapped, args, kwargs, _unchanged, kind)
             return
         extra = {"ignore_queue": ignore_queue} if ignore_queue else {}
-
         live = self._live
+        number = self.sessions.number if self.recovery else None
 
         async def deliver(message: SocketEvent) -> bool:
             if not live(namespace, target):
                 return False  # nobody there with a live session: kept, not delivered
+            if number is not None:
+                number(message)  # (no await before the write: offsets follow write order)
             await wrapped(message.event, message.wire(), to=target, namespace=namespace, **extra)
             return True
 
@@ -208,9 +195,8 @@ class SocketIOGuard:
         sid, namespace, room = _room_call(args, kwargs)
         if room is not None:
             try:
-                if self.recovery and room != sid:
-                    rooms = self._joined.setdefault((namespace, sid), {})
-                    rooms.setdefault(room, self.guard.last_seq((namespace, room)))
+                if self.recovery:
+                    self.sessions.entered(namespace, sid, room)
                 self.guard.mark_connected((namespace, room), (namespace, sid))
             except Exception:
                 log.exception("emitguard could not record that %s entered %r", sid, room)
@@ -220,10 +206,8 @@ class SocketIOGuard:
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         sid, namespace, room = _room_call(args, kwargs)
-        if self.recovery and room == sid:  # the session is going: remember its rooms
-            self._remember(namespace, sid)
-        elif self.recovery and room is not None and instance.is_connected(sid, namespace):
-            self._joined.get((namespace, sid), {}).pop(room, None)  # left it, still here
+        if self.recovery and room is not None:
+            self.sessions.left(namespace, sid, room, instance.is_connected(sid, namespace))
         result = wrapped(*args, **kwargs)
         if room is not None:
             try:
@@ -234,108 +218,92 @@ class SocketIOGuard:
 
     # ------------------------------------------------------------ recovery
 
-    def _remember(self, namespace: str, sid: str) -> None:
-        joined = self._joined.pop((namespace, sid), {})
-        pid = self._pids.pop((namespace, sid), None)
-        if pid is None:
-            return
-        self._sessions.pop((namespace, pid), None)
-        self._departed[(namespace, pid)] = (time.monotonic(), joined)
-        cutoff = time.monotonic() - self.max_disconnection_duration
-        while self._departed:
-            oldest = next(iter(self._departed.values()))[0]
-            if oldest >= cutoff and len(self._departed) <= 100_000:
-                break
-            self._departed.popitem(last=False)
-
-    async def _connected(
+    async def _connecting(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         eio_sid, namespace, auth = [*args, None, None, None][:3]
-        result = await wrapped(*args, **kwargs)
-        namespace = namespace or "/"
-        manager = instance.manager
-        sid = manager.sid_from_eio_sid(eio_sid, namespace)
-        if sid is None or not manager.is_connected(sid, namespace):
-            return result  # refused by the app's connect handler: nothing to recover
-        pid = secrets.token_urlsafe(12)
-        self._pids[(namespace, sid)] = pid
-        self._sessions[(namespace, pid)] = sid
-        original = _original(instance.emit)
-        await original(SESSION_EVENT, {"pid": pid}, to=sid, namespace=namespace)
-        section = auth.get(MARKER) if isinstance(auth, dict) else None
-        if isinstance(section, dict):
-            await self._recover(original, manager, namespace, sid, section)
-        return result
+        key = (eio_sid, namespace or "/")
+        self.sessions.restoring[key] = auth
+        try:
+            return await wrapped(*args, **kwargs)
+        finally:
+            self.sessions.restoring.pop(key, None)
 
-    async def _recover(
-        self, emit: Any, manager: Any, namespace: str, sid: str, section: dict[str, Any]
-    ) -> None:
-        offsets = _offsets(section.get("offsets"))
-        previous = (namespace, str(section.get("pid")))
-        stale = self._sessions.get(previous)
-        if stale is not None and stale != sid:  # back before the server saw it go
-            self._remember(namespace, stale)
-            await _original(self.server.disconnect)(stale, namespace=namespace)
-        departed = self._departed.pop(previous, None)
-        fresh = (
-            departed is not None
-            and time.monotonic() - departed[0] <= self.max_disconnection_duration
-        )
-        recovered: list[Any] = []
-        resync: list[dict[str, Any]] = []
-        if fresh and departed is not None:  # rooms the client saw nothing of since it joined
-            for room, joined_at in departed[1].items():
-                offsets.setdefault(room, joined_at)
-        for room, after in offsets.items():
-            thread = (namespace, room)
-            if not fresh or departed is None or room not in departed[1]:
-                why = (
-                    "not a room of the previous session"
-                    if fresh
-                    else "the previous session is unknown or away longer than "
-                    f"max_disconnection_duration={self.max_disconnection_duration}s"
-                )
-                resync.append(await self._resync(emit, sid, namespace, room, after, why))
-                continue
-            async with self.guard.hold(thread):  # nothing of the room goes out meanwhile
-                replay = self.guard.replay(thread, after=after)
-                if replay.complete:
-                    for _, message in replay.messages:
-                        await emit(message.event, message.wire(), to=sid, namespace=namespace)
-                    recovered.append(room)
-                else:
-                    why = "the replay window no longer holds every missed event"
-                    resync.append(await self._resync(emit, sid, namespace, room, after, why))
-                manager.basic_enter_room(sid, namespace, room)  # back in, still in line
-        await emit(
-            RECOVERY_EVENT,
-            {"recovered": bool(offsets) and not resync, "rooms": recovered, "resync": resync},
-            to=sid,
-            namespace=namespace,
-        )
+    async def _pre_connect(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        eio_sid, namespace = [*args, None, None][:2]
+        sessions = self.sessions
+        auth = sessions.restoring.get((eio_sid, namespace))
+        try:
+            claim = await sessions.claim(namespace, auth)
+            if claim is not None:
+                sid = await sessions.restore(instance, eio_sid, namespace, claim)
+                if sid is not None:
+                    return sid
+        except Exception:
+            log.exception("emitguard could not recover the session of %s", eio_sid)
+        sid = await wrapped(*args, **kwargs)
+        if sid is not None:
+            sessions.opened(namespace, sid)
+        return sid
 
-    async def _resync(
-        self, emit: Any, sid: str, namespace: str, room: Any, after: int, why: str
-    ) -> dict[str, Any]:
-        slot_latest = self.guard.replay((namespace, room), after=after).latest
-        notice = {"room": room, "after": after, "latest": slot_latest, "reason": why}
-        await emit(RESYNC_EVENT, notice, to=sid, namespace=namespace)
-        return notice
+    async def _send_packet(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        packet: Any = args[1] if len(args) > 1 else kwargs.get("pkt")
+        data = getattr(packet, "data", None)
+        if isinstance(data, dict) and "sid" in data and packet.packet_type == _CONNECT:
+            session = self.sessions.live.get((packet.namespace or "/", data["sid"]))
+            if session is not None:
+                packet.data = {**data, "pid": session.pid}
+        return await wrapped(*args, **kwargs)
+
+    async def _trigger_event(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        if (
+            args[0] == "connect"
+            and self.skip_connect_handler
+            and len(args) > 2
+            and (args[1] or "/", args[2]) in self.sessions.recovered
+        ):
+            return True  # as Socket.IO's skipMiddlewares: a recovered session is trusted
+        return await wrapped(*args, **kwargs)
+
+    async def _client_disconnect(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        eio_sid, namespace, reason = [*args, None, None, None][:3]
+        reason = kwargs.get("reason", reason)
+        if reason is None or reason == instance.reason.CLIENT_DISCONNECT:  # on purpose
+            namespace = namespace or "/"
+            sid = instance.manager.sid_from_eio_sid(eio_sid, namespace)
+            if sid is not None:
+                self.sessions.closing(namespace, sid)
+        return await wrapped(*args, **kwargs)
+
+    async def _server_disconnect(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        sid, namespace = [*args, None, None][:2]
+        self.sessions.closing(kwargs.get("namespace", namespace) or "/", sid)
+        return await wrapped(*args, **kwargs)
 
 
-if TYPE_CHECKING:
-    _FunctionWrapper = wrapt.FunctionWrapper[..., Any]
-else:  # wrapt's classes are not subscriptable at run time in every release
-    _FunctionWrapper = wrapt.FunctionWrapper
+_CONNECT = 0
+"""Socket.IO's CONNECT packet type."""
 
 
-class _Guarded(_FunctionWrapper):
-    """The wrapt proxy put in place of a python-socketio method."""
-
-
-def _original(method: Any) -> Any:
-    return method.__wrapped__ if isinstance(method, _Guarded) else method
+def _with_offset(
+    args: tuple[Any, ...], kwargs: dict[str, Any], offset: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """An emit's arguments with ``offset`` appended to its data."""
+    if len(args) > 1:
+        data = args[1]
+        return (args[0], (*_arguments(data), offset), *args[2:]), kwargs
+    data = kwargs.get("data")
+    return args, {**kwargs, "data": (*_arguments(data), offset)}
 
 
 def _message_only(
@@ -372,38 +340,25 @@ def _room_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str,
     return values.get("sid"), values.get("namespace") or "/", values.get("room")
 
 
-def _offsets(value: Any) -> dict[Any, int]:
-    """``[[room, seq], ...]`` from a client, checked (anything else is ignored)."""
-    found: dict[Any, int] = {}
-    if not isinstance(value, list):
-        return found
-    for item in value[:1000]:
-        if (
-            isinstance(item, (list, tuple))
-            and len(item) == 2
-            and isinstance(item[0], (str, int))
-            and not isinstance(item[0], bool)
-            and isinstance(item[1], int)
-            and not isinstance(item[1], bool)
-            and item[1] >= 0
-        ):
-            found[item[0]] = item[1]
-    return found
-
-
 def guard_server(
     server: Any,
     *,
     recovery: bool = False,
     max_disconnection_duration: float = 120.0,
+    skip_connect_handler: bool = True,
     confirm: bool = True,
     **options: Any,
 ) -> SocketIOGuard:
     """Guard a python-socketio ``AsyncServer`` (see the module docstring); ``options`` go to
     :class:`emitguard.Guard` (``history`` defaults to 1000 per room with ``recovery``).
-    ``confirm``: count a delivery only when the room has a member with a live Engine.IO
-    session (turn it off with a message-queue client manager, whose members on other
-    servers this process cannot see)."""
+
+    ``max_disconnection_duration`` and ``skip_connect_handler`` are Socket.IO's
+    ``connectionStateRecovery`` options (``skipMiddlewares``): how long a session is kept for
+    its client's return, and whether the app's connect handler runs again for a recovered
+    session (by default not: the session was authorised when it began). ``confirm``: count
+    a delivery only when the room has a member with a live Engine.IO session (turn it off
+    with a message-queue client manager, whose members on other servers this process cannot
+    see)."""
     if not hasattr(server, "manager") or not hasattr(server, "eio"):
         raise AdapterError(f"guard_server() takes a python-socketio AsyncServer, got {server!r}")
     if not isinstance(max_disconnection_duration, (int, float)) or max_disconnection_duration <= 0:
@@ -414,88 +369,15 @@ def guard_server(
         options.setdefault("history", 1000)
         if not options["history"]:
             raise ValueError("recovery=True needs a replay window: history must be >= 1")
-        options.setdefault("stamp_seq", _stamp)
     options.setdefault("name", f"socketio-{id(server):x}")
     guard = Guard(**options)
     adapter = SocketIOGuard(
-        server, guard, recovery=recovery, max_disconnection_duration=max_disconnection_duration
+        server,
+        guard,
+        recovery=recovery,
+        max_disconnection_duration=max_disconnection_duration,
+        skip_connect_handler=skip_connect_handler,
     )
     adapter.confirm = confirm
     adapter.patch()
     return adapter
-
-
-def _stamp(message: Any, seq: int) -> Any:
-    return message.stamped(seq) if isinstance(message, SocketEvent) else message
-
-
-# ---------------------------------------------------------------- the client side
-
-
-class Recovery:
-    """A python-socketio ``AsyncClient``'s side of connection state recovery (see
-    :func:`recovering`): the last ``seq`` per room, duplicates dropped, and what to send in
-    the connect ``auth`` payload."""
-
-    def __init__(self, client: Any, auth: Any = None) -> None:
-        self.client = client
-        self.offsets: dict[tuple[str, Any], int] = {}
-        """(namespace, room) -> the last seq received."""
-        self.pids: dict[str, str] = {}
-        """namespace -> the private id of the current (or last) session."""
-        self.recovered = False
-        """Whether the last connection recovered every room it asked for."""
-        self.resyncs: list[dict[str, Any]] = []
-        """Resync notices received (rooms whose state the app must reload)."""
-        self.duplicates = 0
-        self._auth = auth
-
-    async def auth(self, namespace: str = "/") -> dict[str, Any]:
-        """The ``auth`` payload: the app's own (``auth=`` given to :func:`recovering`) plus
-        the previous session and offsets."""
-        base = self._auth
-        if callable(base):
-            base = base()
-            if hasattr(base, "__await__"):
-                base = await base
-        payload = dict(base or {})
-        offsets = [[room, seq] for (ns, room), seq in self.offsets.items() if ns == namespace]
-        if namespace in self.pids:
-            payload[MARKER] = {"pid": self.pids[namespace], "offsets": offsets}
-        return payload
-
-    async def trigger(
-        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        if len(args) < 2:  # ("connect", namespace=...): nothing of ours
-            return await wrapped(*args, **kwargs)
-        event, namespace, *rest = args
-        if event == SESSION_EVENT and rest and isinstance(rest[0], dict):
-            self.pids[namespace] = str(rest[0].get("pid"))
-            self.recovered = False
-            return None
-        if event == RECOVERY_EVENT and rest and isinstance(rest[0], dict):
-            self.recovered = bool(rest[0].get("recovered"))
-        elif event == RESYNC_EVENT and rest and isinstance(rest[0], dict):
-            notice = rest[0]
-            self.resyncs.append(notice)
-            key = (namespace, notice.get("room"))
-            if isinstance(notice.get("latest"), int):
-                self.offsets[key] = notice["latest"]  # live events after it are new
-        elif rest and isinstance(rest[-1], dict) and set(rest[-1]) == {MARKER}:
-            room, seq = rest[-1][MARKER]
-            key = (namespace, room)
-            if seq <= self.offsets.get(key, 0):
-                self.duplicates += 1
-                return None  # seen before: a replay overlapping what arrived
-            self.offsets[key] = seq
-            args = (event, namespace, *rest[:-1])
-        return await wrapped(*args, **kwargs)
-
-
-def recovering(client: Any, auth: Any = None) -> Recovery:
-    """Give a python-socketio ``AsyncClient`` connection state recovery: pass
-    ``auth=recovery.auth`` to ``client.connect()`` (the app's own auth goes to this call)."""
-    recovery = Recovery(client, auth)
-    client._trigger_event = _Guarded(client._trigger_event, recovery.trigger)
-    return recovery

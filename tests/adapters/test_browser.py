@@ -1,10 +1,16 @@
-"""End to end in headless Chromium: a native EventSource resumes with Last-Event-ID.
+"""End to end in headless Chromium: a native EventSource resumes with Last-Event-ID, and the
+official Socket.IO client recovers against a guarded python-socketio server.
 
-The page opens an ``EventSource`` on the SSE route. Half way through the run the server ends
+The first page opens an ``EventSource`` on the SSE route. Half way through the run the server ends
 the stream (``guard.end_subscriptions``); the browser reconnects by itself, sending
 ``Last-Event-ID``, and the page must end with every event exactly once, in order. Chromium is
 driven over its DevTools protocol with the ``websockets`` client. ``.ci/run`` installs Debian's
 ``chromium``; elsewhere, without it, the test skips and says why.
+
+The second page loads ``socket.io.min.js`` (the npm package's bundle, from
+``tests/js/node_modules``, served by the test app: no network), joins a room, and closes its
+WebSocket once mid-run; the client reconnects by itself and must say ``socket.recovered`` with
+every event once, in order.
 """
 
 from __future__ import annotations
@@ -19,15 +25,17 @@ from typing import Any
 
 import httpx
 import pytest
+import socketio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse
+from starlette.responses import FileResponse, HTMLResponse
 from starlette.routing import Route
 from websockets.asyncio.client import connect
 
 from conftest import eventually
 from emitguard import ConnectionState, Guard
 from emitguard_adapters.fallback import emitguard_routes
+from emitguard_adapters.socketio import guard_server
 from emitguard_adapters.testing import serve
 
 EVENTS = 12
@@ -157,3 +165,83 @@ async def test_event_source_resumes_with_last_event_id_and_misses_nothing(
 
 async def _nowhere(message: Any) -> bool:
     return False  # the page reads over SSE only: the manager has no socket for it
+
+
+BUNDLE = Path(__file__).resolve().parents[1] / "js" / "node_modules" / "socket.io-client" / "dist"
+
+SOCKETIO_PAGE = """<!doctype html>
+<title>waiting</title>
+<script src="/socket.io.min.js"></script>
+<script>
+  window.seen = [];
+  window.connects = [];
+  const socket = io({ transports: ["websocket"], reconnectionDelay: 100,
+                      reconnectionDelayMax: 100, randomizationFactor: 0 });
+  socket.on("connect", () => {
+    window.connects.push({ id: socket.id, recovered: socket.recovered });
+    if (!socket.recovered) socket.emit("join", "room-1", () => { document.title = "joined"; });
+  });
+  socket.on("tick", (n) => {
+    window.seen.push(n);
+    if (window.seen.length === %(drop)d) socket.io.engine.transport.ws.close();  // gone
+  });
+  socket.on("done", () => { document.title = "done"; });
+</script>
+"""
+
+
+async def test_the_socketio_client_recovers_in_the_browser(browser: str) -> None:
+    if not (BUNDLE / "socket.io.min.js").is_file():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have the npm packages: make js (tests/js/package-lock.json)")
+        pytest.skip("the socket.io-client bundle is not installed here (make js)")
+    events, drop = 100, 30
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=500, max_disconnection_duration=10)
+
+    @sio.event
+    async def join(sid: str, room: str) -> bool:
+        await sio.enter_room(sid, room)
+        return True
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(SOCKETIO_PAGE % {"drop": drop})
+
+    async def bundle(request: Request) -> FileResponse:
+        return FileResponse(BUNDLE / "socket.io.min.js", media_type="text/javascript")
+
+    site = Starlette(routes=[Route("/", page), Route("/socket.io.min.js", bundle)])
+    app = socketio.ASGIApp(sio, other_asgi_app=site)
+    async with serve(app) as address:
+        async with httpx.AsyncClient() as client:
+            target = (await client.put(f"http://{browser}/json/new?http://{address}/")).json()
+        async with connect(target["webSocketDebuggerUrl"], max_size=None) as devtools:
+            ids = [0]
+
+            async def title_is(expected: str) -> None:
+                for _ in range(500):
+                    if await evaluate(devtools, "document.title", ids) == expected:
+                        return
+                    await asyncio.sleep(0.02)
+                raise AssertionError(f"the page never said {expected!r}")
+
+            await title_is("joined")
+            for n in range(1, events + 1):
+                await sio.emit("tick", n, to="room-1")
+                await asyncio.sleep(0.005)
+            for _ in range(500):
+                connects = await evaluate(devtools, "window.connects.length", ids)
+                if connects == 2:
+                    break
+                await asyncio.sleep(0.02)
+            await sio.emit("done", to="room-1")
+            await title_is("done")
+            seen = json.loads(await evaluate(devtools, "JSON.stringify(window.seen)", ids))
+            connects = json.loads(await evaluate(devtools, "JSON.stringify(window.connects)", ids))
+    adapter.unguard()
+    await adapter.guard.aclose()
+    assert connects == [
+        {"id": connects[0]["id"], "recovered": False},
+        {"id": connects[0]["id"], "recovered": True},
+    ]
+    assert seen == list(range(1, events + 1))

@@ -12,7 +12,7 @@ import socketio
 from socketio_support import abort, client, running, until
 
 from emitguard import ConnectionState, Outcome
-from emitguard_adapters.socketio import guard_server, recovering
+from emitguard_adapters.socketio import Recovery, guard_server, recovering
 
 
 async def test_rooms_broadcasts_sid_rooms_and_namespaces() -> None:
@@ -92,7 +92,9 @@ async def test_shapes_thirty_conversations_every_third_client_dropping(shape: st
     )
     assert guarded_lost == 0
     assert unguarded_lost > 0
-    assert max(connects) < 0.050
+    # No connect handler waits on a barrier (ready_timeout is 2 s); typical is a few ms, and
+    # the bound leaves room for a worker descheduled by a parallel test (Node, subprocesses).
+    assert max(connects) < 0.25
 
 
 RUNS, EVENTS, DROP_AT = 30, 15, 5
@@ -136,7 +138,7 @@ async def conversations(shape: str, *, guarded: bool) -> tuple[int, list[float]]
         @c.event
         async def connect() -> None:
             nonlocal first
-            if first or not guarded:  # a plain app re-joins; a recovered one is back in
+            if first or state is None or not state.recovered:  # a recovered one is back in
                 first = False
                 await c.emit("join", room)
 
@@ -201,7 +203,7 @@ async def test_recovery_replays_what_a_client_missed_in_order() -> None:
     adapter.unguard()
 
 
-async def test_away_longer_than_allowed_gets_a_resync_then_live_events() -> None:
+async def test_away_longer_than_allowed_is_a_fresh_session_with_no_replay() -> None:
     sio = socketio.AsyncServer(async_mode="asgi")
     adapter = guard_server(sio, recovery=True, history=10, max_disconnection_duration=0.2)
 
@@ -213,23 +215,128 @@ async def test_away_longer_than_allowed_gets_a_resync_then_live_events() -> None
         received: list[int] = []
         c = client(reconnection_delay=0.5, reconnection_delay_max=0.5)
         state = recovering(c)
+        sessions: list[tuple[str | None, bool]] = []
 
         @c.event
         async def connect() -> None:
-            await c.emit("join", "room-1")  # the app joins again when not recovered
+            sessions.append((c.get_sid(), state.recovered))
+            if not state.recovered:
+                await c.emit("join", "room-1")  # the app joins again when not recovered
 
         c.on("tick", lambda data: received.append(data["n"]))
         await c.connect(url, transports=["websocket"], auth=state.auth)
         await until(lambda: adapter.guard.state(("/", "room-1")) is ConnectionState.CONNECTED)
         await sio.emit("tick", {"n": 0}, to="room-1")
         await until(lambda: received == [0])
+        first_pid = state.pid
         abort(c)
-        await until(lambda: bool(state.resyncs), timeout=3.0)
-        assert state.recovered is False
-        assert state.resyncs[0]["room"] == "room-1"
-        assert state.resyncs[0]["after"] == 1
-        await until(lambda: adapter.guard.state(("/", "room-1")) is ConnectionState.CONNECTED)
-        await sio.emit("tick", {"n": 1}, to="room-1")
-        await until(lambda: received[-1:] == [1])
+        await until(lambda: adapter.guard.state(("/", "room-1")) is not ConnectionState.CONNECTED)
+        for n in range(1, 4):  # delivered nowhere: kept in the room's outbox
+            await sio.emit("tick", {"n": n}, to="room-1")
+        await until(lambda: len(sessions) == 2, timeout=3.0)
+        assert sessions[1][1] is False  # not recovered: a fresh session
+        assert sessions[1][0] != sessions[0][0]
+        assert state.pid != first_pid
+        await until(lambda: received[-1:] == [3])  # the outbox flushes on the new join
+        assert received == [0, 1, 2, 3]
         await c.disconnect()
+    adapter.unguard()
+
+
+async def noted(
+    sio: socketio.AsyncServer, url: str, **options: Any
+) -> tuple[socketio.AsyncClient, Recovery, str, list[int]]:
+    """A recovering client that has received one "note" (its offset) in its sid room."""
+    got: list[int] = []
+    c = client(**options)
+    state = recovering(c)
+    c.on("note", got.append)
+    await c.connect(url, transports=["websocket"], auth=state.auth)
+    sid = c.get_sid()
+    assert sid is not None
+    await sio.emit("note", 0, to=sid)
+    await until(lambda: got == [0])
+    return c, state, sid, got
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip-handler", "run-handler"])
+async def test_a_recovered_session_keeps_its_sid_and_what_was_sent_to_it(skip: bool) -> None:
+    """The sid survives recovery, so events sent to the client's own sid room while it was
+    away reach it; the app's connect handler runs again only with ``skip_connect_handler``
+    off (and can tell the session is recovered)."""
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=100, skip_connect_handler=skip)
+    handled: list[tuple[str, bool]] = []
+
+    @sio.event
+    async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+        handled.append((sid, adapter.recovered(sid)))
+
+    async with running(sio) as url:
+        c, state, sid, got = await noted(
+            sio, url, reconnection_delay=0.3, reconnection_delay_max=0.3
+        )
+        abort(c)
+        await until(lambda: not sio.manager.is_connected(sid, "/"))
+        for n in range(1, 6):  # to its sid room while it is away
+            await sio.emit("note", n, to=sid)
+        await until(lambda: got == [0, 1, 2, 3, 4, 5])
+        assert state.recovered is True
+        assert c.get_sid() == sid
+        await c.disconnect()
+    adapter.unguard()
+    assert handled == ([(sid, False)] if skip else [(sid, False), (sid, True)])
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+async def test_a_disconnect_on_purpose_ends_the_session(who: str) -> None:
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=100)
+    async with running(sio) as url:
+        c, state, sid, _ = await noted(sio, url, reconnection=False)
+        if who == "client":
+            await c.disconnect()
+        else:
+            await sio.disconnect(sid)
+            await until(lambda: not c.connected)
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        assert state.recovered is False
+        assert c.get_sid() != sid
+        await c.disconnect()
+    adapter.unguard()
+
+
+async def test_broadcasts_carry_offsets_and_keep_the_client_position_right() -> None:
+    """A broadcast is not replayed, but its offset is a place in the write order: a client
+    whose last event was a broadcast recovers the room events that followed it."""
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=100)
+
+    @sio.event
+    async def join(sid: str, room: str) -> bool:
+        await sio.enter_room(sid, room)
+        return True
+
+    async with running(sio) as url:
+        watcher = client()
+        await watcher.connect(url, transports=["websocket"])
+        await watcher.call("join", "room-1")
+        got: list[Any] = []
+        c = client(reconnection_delay=0.3, reconnection_delay_max=0.3)
+        state = recovering(c)
+        c.on("*", lambda event, *args: got.append((event, *args)))
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        await c.call("join", "room-1")
+        await sio.emit("tick", 1, to="room-1")
+        await sio.emit("news", "all")  # a broadcast: the client's last offset
+        await until(lambda: len(got) == 2)
+        abort(c)
+        await until(lambda: len(sio.manager.rooms["/"]["room-1"]) == 1)
+        for n in range(2, 5):  # delivered to the watcher: kept in the window
+            await sio.emit("tick", n, to="room-1")
+        await until(lambda: len(got) == 5)
+        assert state.recovered is True
+        assert got == [("tick", 1), ("news", "all"), ("tick", 2), ("tick", 3), ("tick", 4)]
+        await c.disconnect()
+        await watcher.disconnect()
     adapter.unguard()
