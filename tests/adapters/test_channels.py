@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import threading
 import time
 from typing import Any
@@ -160,4 +162,89 @@ async def test_sync_agents_in_worker_threads_never_hang() -> None:
     assert await guard.drain(1.0) == 0
     for client in clients:
         await client.disconnect()
+    emitguard.unguard(layer)
+
+
+class _Plain(AsyncJsonWebsocketConsumer):
+    """The tutorial consumer without the mixin (the unguarded run)."""
+
+    async def connect(self) -> None:
+        self.room = self.scope["url_route"]["kwargs"]["room"]
+        await self.channel_layer.group_add(self.room, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        await self.channel_layer.group_discard(self.room, self.channel_name)
+
+    async def chat_event(self, event: dict[str, Any]) -> None:
+        await self.send_json({"n": event["n"], "seq": event.get("seq")})
+
+
+async def _scenario(
+    layer: Any, guarded: bool, conversations: int = 30, events: int = 15
+) -> dict[str, Any]:
+    """The issue's scenario: an agent per conversation sends ``events`` while its client
+    connects late; every third client drops after a few events and reconnects. Returns what
+    the clients saw, per conversation, as ``n``s in arrival order (frames that left before a
+    drop count as received)."""
+    channel_layers.set("default", layer)
+    consumer = consumer_for(layer) if guarded else _Plain
+    seen: dict[str, list[int]] = {}
+
+    async def open_client(room: str) -> WebsocketCommunicator:
+        client = WebsocketCommunicator(consumer.as_asgi(), f"/ws/{room}/")
+        client.scope["url_route"] = {"kwargs": {"room": room, "extra": None}}
+        ok, _ = await client.connect(timeout=5)
+        assert ok
+        return client
+
+    async def agent(room: str) -> None:
+        for n in range(1, events + 1):
+            await layer.group_send(room, {"type": "chat.event", "n": n})
+            await asyncio.sleep(0.004)
+
+    async def user(index: int, room: str) -> None:
+        got = seen[room] = []
+        await asyncio.sleep(0.01 * (index % 4))  # the browser connects after the agent started
+        client = await open_client(room)
+        if index % 3 == 0:  # drops after a few events, comes back
+            while len(got) < 4:
+                got.append((await client.receive_json_from(timeout=3))["n"])
+            await client.disconnect()
+            while not client.output_queue.empty():  # frames that left before the drop
+                frame = client.output_queue.get_nowait()
+                if frame.get("type") == "websocket.send":
+                    got.append(json.loads(frame["text"])["n"])
+            await asyncio.sleep(0.03)
+            client = await open_client(room)
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            while len(got) < events:
+                got.append((await client.receive_json_from(timeout=1.0))["n"])
+        if not client.future.done():  # (a receive that timed out stopped the app already)
+            await client.disconnect()
+
+    rooms = [f"conv{i}" for i in range(conversations)]
+    await asyncio.gather(
+        *(agent(room) for room in rooms), *(user(i, room) for i, room in enumerate(rooms))
+    )
+    return seen
+
+
+def _tally(seen: dict[str, list[int]], events: int) -> tuple[int, int, int]:
+    lost = sum(len(set(range(1, events + 1)) - set(got)) for got in seen.values())
+    duplicates = sum(len(got) - len(set(got)) for got in seen.values())
+    reorders = sum(1 for got in seen.values() for a, b in zip(got, got[1:]) if b < a)
+    return lost, duplicates, reorders
+
+
+async def test_scenario_unguarded_loses_guarded_does_not() -> None:
+    bare = await _scenario(InMemoryChannelLayer(), guarded=False)
+    lost, _, _ = _tally(bare, 15)
+    assert lost > 0  # the late joins and the drops lose events
+    layer = InMemoryChannelLayer()
+    guard = guard_layer(layer, stamp_seq="seq", ready_timeout=3.0)
+    seen = await _scenario(layer, guarded=True)
+    assert _tally(seen, 15) == (0, 0, 0), (lost, seen)
+    assert await guard.drain(2.0) == 0
+    assert guard.stats().pending_total == 0
     emitguard.unguard(layer)
