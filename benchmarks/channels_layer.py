@@ -5,9 +5,10 @@
 In one run, for the in-memory layer and for channels_redis's ``RedisChannelLayer`` (against a
 ``redis-server`` this script starts on a free port): ``groups`` conversations, each one
 tutorial consumer under ``WebsocketCommunicator`` and one agent awaiting ``group_send`` for
-``events`` events (Redis channels with a capacity that drops none of the bare run's); events/s is counted from the first send until every client received every
-event. Bare: the plain consumer and layer. Guarded: ``guard_layer(layer)`` (confirmation on)
-and the consumer with ``GuardedConsumerMixin``. Each figure is the median of ``rounds``
+``events`` events (Redis channels with a capacity that drops none of the bare run's);
+events/s is counted from the first send until every client received every event.
+Bare: the plain consumer and layer. Guarded: ``guard_layer(layer)`` (confirmation on) and the
+consumer with ``GuardedConsumerMixin``. Each figure is the median of ``rounds``
 rounds, bare and guarded alternating; the target is guarded >= 0.85x bare.
 """
 
@@ -30,12 +31,12 @@ if not settings.configured:
         CHANNEL_LAYERS={"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     )
 
-from channels.generic.websocket import AsyncJsonWebsocketConsumer  # noqa: E402
-from channels.layers import InMemoryChannelLayer, channel_layers  # noqa: E402
-from channels.testing import WebsocketCommunicator  # noqa: E402
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.layers import InMemoryChannelLayer, channel_layers
+from channels.testing import WebsocketCommunicator
 
-import emitguard  # noqa: E402
-from emitguard_adapters.channels import GuardedConsumerMixin, guard_layer  # noqa: E402
+import emitguard
+from emitguard_adapters.channels import GuardedConsumerMixin, guard_layer
 
 TARGET = 0.85
 
@@ -111,37 +112,39 @@ async def compare(make: Any, label: str, groups: int, events: int, rounds: int) 
     return g / b
 
 
-async def run(groups: int, events: int, rounds: int) -> None:
+async def run(groups: int, events: int, rounds: int, redis_port: int | None) -> None:
     await compare(InMemoryChannelLayer, "in-memory", groups, events, rounds)
-    server = shutil.which("redis-server")
-    if server is None:
+    if redis_port is None:
         print("redis: redis-server is not installed; skipped")
         return
     from channels_redis.core import RedisChannelLayer
 
+    await compare(
+        lambda: RedisChannelLayer(hosts=[("127.0.0.1", redis_port)], capacity=100_000),
+        "redis",
+        groups,
+        events,
+        rounds,
+    )
+
+
+def start_redis(folder: str) -> tuple[subprocess.Popen[bytes] | None, int | None]:
+    """A ``redis-server`` on a free port, up (or nothing, when it is not installed)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        return None, None
     port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        process = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
-            stdout=subprocess.DEVNULL,
-        )
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(200):
         try:
-            for _ in range(200):
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.1).close()
-                    break
-                except OSError:
-                    time.sleep(0.02)
-            await compare(
-                lambda: RedisChannelLayer(hosts=[("127.0.0.1", port)], capacity=100_000),
-                "redis",
-                groups,
-                events,
-                rounds,
-            )
-        finally:
-            process.kill()
-            process.wait()
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    return process, port
 
 
 def main() -> None:
@@ -150,7 +153,14 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    asyncio.run(run(args.groups, args.events, args.rounds))
+    with tempfile.TemporaryDirectory() as folder:
+        process, port = start_redis(folder)
+        try:
+            asyncio.run(run(args.groups, args.events, args.rounds, port))
+        finally:
+            if process is not None:
+                process.kill()
+                process.wait()
 
 
 if __name__ == "__main__":
