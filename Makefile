@@ -80,6 +80,7 @@ bench: venv
 	$(BIN)/python benchmarks/stall.py
 	$(BIN)/python benchmarks/redis_outbox.py
 	$(BIN)/python benchmarks/socketio_server.py
+	$(BIN)/python benchmarks/channels_layer.py
 
 # Build artefacts and tool caches; keeps .venv (use distclean for that).
 clean:

@@ -110,6 +110,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/_sio_client.py": (),
     "adapters/emitguard_adapters/_sio_patch.py": (),
     "adapters/emitguard_adapters/_sio_recovery.py": (),
+    "adapters/emitguard_adapters/channels.py": ("channels",),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
     "adapters/emitguard_adapters/testing.py": ("demo",),
     # docs/starlette.md: the extra, and uvicorn from `demo` to run the example app
@@ -209,7 +210,7 @@ def test_metadata_of_a_well_kept_library() -> None:
 def test_extras_install_what_their_names_say() -> None:
     assert extra("fastapi") >= {"fastapi", "starlette", "sse-starlette"}
     assert extra("socketio") == {"python-socketio"}
-    assert extra("channels") == {"channels"}
+    assert extra("channels") == {"channels", "channels-redis", "django"}
     assert extra("redis") == {"redis"}
     assert extra("otel-instrument") == {"opentelemetry-instrumentation"}
     assert extra("testing") == {"pytest", "pytest-asyncio", "anyio"}

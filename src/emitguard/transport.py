@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
 
+from emitguard._loops import resolve
+
 __all__ = ["Probe", "associating", "association", "frame_sent", "serving", "serving_owner"]
 
 
@@ -57,8 +59,8 @@ class Probe:
     def sent(self, owner: object = None) -> None:
         self.frames += 1
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None and not waiter.done():  # on its own loop: the frame may have
+            resolve(waiter)  # left from another loop's thread (an async_to_sync sender)
         if owner is not None and owner is not self.owner:
             self._remember(owner)
 

@@ -1,0 +1,67 @@
+"""The Channels adapter over channels_redis's RedisChannelLayer and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from channels_redis.core import RedisChannelLayer
+from test_channels import connected, received
+
+import emitguard
+from emitguard import ConnectionState
+from emitguard_adapters.channels import guard_layer
+from redis_support import RedisServer
+
+
+def redis_layer(server: RedisServer, **options: Any) -> Any:
+    return RedisChannelLayer(hosts=[("127.0.0.1", server.port)], **options)
+
+
+async def test_early_send_two_groups_and_leave_on_redis(redis_server: RedisServer) -> None:
+    layer = redis_layer(redis_server)
+    guard = guard_layer(layer, stamp_seq="seq")
+    early = asyncio.create_task(layer.group_send("a", {"type": "chat.event", "n": 1}))
+    await asyncio.sleep(0.05)
+    client = await connected(layer, "a", extra="b")
+    await early
+    assert await received(client, 1) == [{"n": 1, "seq": 1}]
+    await client.send_json_to({"leave": "b"})
+    assert await received(client, 1) == [{"left": "b"}]
+    assert guard.state("b") is ConnectionState.DISCONNECTED
+    await layer.group_send("a", {"type": "chat.event", "n": 2})
+    assert await received(client, 1) == [{"n": 2, "seq": 2}]
+    await client.disconnect()
+    assert await guard.drain(1.0) == 0
+    emitguard.unguard(layer)
+    await layer.flush()
+
+
+async def burst(layer: Any, count: int) -> list[int]:
+    """``count`` group_sends at once to a group of one consumer whose channel holds at most
+    ``capacity`` messages; what the client received."""
+    client = await connected(layer, "burst")
+    await asyncio.gather(
+        *(layer.group_send("burst", {"type": "chat.event", "n": n}) for n in range(1, count + 1))
+    )
+    got: list[int] = []
+    while not await client.receive_nothing(0.3):
+        got.append((await client.receive_json_from())["n"])
+    await client.disconnect()
+    return got
+
+
+async def test_capacity_drops_are_silent_unguarded_and_none_guarded(
+    redis_server: RedisServer,
+) -> None:
+    bare = redis_layer(redis_server, capacity=3)
+    got = await burst(bare, 30)
+    assert len(got) < 30  # channels_redis dropped the rest for capacity, and said nothing
+    await bare.flush()
+    layer = redis_layer(redis_server, capacity=3)
+    guard = guard_layer(layer, stamp_seq="seq")
+    got = await burst(layer, 30)
+    assert got == list(range(1, 31))  # the group's line keeps its channel under capacity
+    assert await guard.drain(1.0) == 0
+    emitguard.unguard(layer)
+    await layer.flush()
