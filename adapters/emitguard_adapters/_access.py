@@ -6,7 +6,8 @@
   thread (as Starlette runs a sync endpoint), an async one on the loop, both within a timeout;
 - :func:`close_reason`, a WebSocket close reason that is always valid UTF-8 of at most 123
   bytes, whatever text it is given;
-- :func:`resync_message`, what a client that missed more than the replay window is told.
+- :func:`resync_message`, what a client that missed more than the replay window is told;
+- :func:`covered`, the seq up to which a reader's replay covered the thread.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import anyio.to_thread
 
 from emitguard import Replay
 
-__all__ = ["THREAD_ID", "authorized", "close_reason", "resync_message", "seconds"]
+__all__ = ["THREAD_ID", "authorized", "close_reason", "covered", "resync_message", "seconds"]
 
 log = logging.getLogger("emitguard")
 
@@ -86,10 +87,27 @@ def close_reason(text: str) -> str:
 def resync_message(thread_id: str, last_seq: int, replay: Replay) -> dict[str, Any]:
     """What a client that missed more than the replay window holds is told (every transport
     sends the same): it must reload the thread's state."""
-    return {
+    told = {
         "type": "resync",
         "thread_id": thread_id,
         "last_seq": last_seq,
         "latest_seq": replay.latest,
         "recovered": False,
     }
+    if replay.epoch is not None:  # a shared log: the epoch the client resumes in from now
+        told["epoch"] = replay.epoch
+    return told
+
+
+def covered(replay: Replay | None, last_seq: int | None) -> int:
+    """The seq up to which a reader that resumed with ``replay`` has been served: its live
+    deliveries up to there are skipped. A delivery of the shared log (Redis) already under way
+    in the worker may hand a new reader what it just replayed; in memory the line was held,
+    so nothing is skipped but what the client said it had."""
+    if replay is None:
+        return 0
+    if replay.epoch is not None:  # the shared log: the delivery goes on after its latest
+        return replay.latest
+    if replay.complete and replay.messages:
+        return replay.messages[-1][0]
+    return last_seq or 0 if replay.complete else 0

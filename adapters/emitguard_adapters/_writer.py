@@ -118,10 +118,14 @@ class SocketWriter:
         subscription = self._subscriptions.get(thread_id)
         return subscription is not None and not subscription.closed
 
-    def add(self, thread_id: str, subscription: Subscription, backlog: list[Any]) -> None:
-        """Start writing the thread's ``backlog`` and then its subscription to the socket."""
+    def add(
+        self, thread_id: str, subscription: Subscription, backlog: list[Any], after: int = 0
+    ) -> None:
+        """Start writing the thread's ``backlog`` and then its subscription (but seqs up to
+        ``after``, which the backlog covered) to the socket."""
         self._subscriptions[thread_id] = subscription
-        task = asyncio.get_running_loop().create_task(self._pump(subscription, backlog))
+        pump = self._pump(subscription, backlog, after)
+        task = asyncio.get_running_loop().create_task(pump)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -151,13 +155,15 @@ class SocketWriter:
         await asyncio.gather(*tasks, return_exceptions=True)
         return sorted(self._subscriptions)
 
-    async def _pump(self, subscription: Subscription, backlog: list[Any]) -> None:
+    async def _pump(self, subscription: Subscription, backlog: list[Any], after: int) -> None:
         try:
             for message in backlog:
                 if subscription.closed:
                     break
                 await self._write(message)
-            async for _seq, message in subscription:
+            async for seq, message in subscription:
+                if seq <= after:
+                    continue
                 await self._write(message)
                 if subscription.closed:  # what is left is stale: the client resumes instead
                     break

@@ -8,11 +8,14 @@ sees):
   sse-starlette). Each event has ``id: <seq>``, ``event: <event type>`` and the message as
   JSON data. It resumes after the ``Last-Event-ID`` header (what a browser's ``EventSource``
   sends when it reconnects) or a ``last_event_id`` query parameter, and sends a ``resync``
-  event when the guard's replay window no longer covers the gap. The stream is a subscription
+  event when the guard's replay window no longer covers the gap. With a shared outbox (Redis)
+  the id is ``<epoch>:<seq>``, the stream resumes on any worker of the app, and an id of
+  another epoch (the history was lost) gets the ``resync`` event. The stream is a subscription
   of the thread (:meth:`emitguard.Guard.subscribe`): it counts as a connection, so events are
   delivered to it rather than buffered.
 - ``GET {prefix}/threads/{thread_id}/messages?after=<seq>&limit=<n>``: a JSON page of what
-  the client missed, with the cursor of the next page.
+  the client missed, with the cursor of the next page (``next_after``; with a shared outbox
+  also ``epoch`` and ``cursor``, ``<epoch>:<seq>``, which ``after`` takes as well).
 
 ``authorize(request, thread_id)`` (sync or async) is required and must return True; a refusal
 is a 403 with no data. A thread id that is not a valid id, and a bad cursor, are a 400.
@@ -36,7 +39,7 @@ from starlette.routing import Route
 
 from emitguard import Guard
 from emitguard.records import event_type_of
-from emitguard_adapters._access import THREAD_ID, authorized, resync_message, seconds
+from emitguard_adapters._access import THREAD_ID, authorized, covered, resync_message, seconds
 from emitguard_adapters._writer import SendDeadline, TextCache
 
 __all__ = ["THREAD_ID", "emitguard_routes"]
@@ -45,6 +48,7 @@ log = logging.getLogger("emitguard")
 
 Authorize = Callable[[Request, str], "bool | Awaitable[bool]"]
 _NO_STORE = {"Cache-Control": "no-store"}
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class _Refused(Exception):
@@ -105,12 +109,16 @@ def emitguard_routes(
             given = request.headers.get("last-event-id") or request.query_params.get(
                 "last_event_id"
             )
-            last = _cursor(given, "Last-Event-ID") if given else None
+            epoch, last = _position(given, "Last-Event-ID") if given else (None, None)
         except _Refused as refused:
             return _error(refused)
         async with guard.hold(thread_id):  # nothing of the thread is delivered meanwhile
-            replay = guard.replay(thread_id, after=last) if last is not None else None
+            replay = None
+            if last is not None:
+                replay = await guard.areplay(thread_id, after=last, epoch=epoch)
             subscription = guard.subscribe(thread_id, maxsize=queue_size)
+            subscription.epoch = replay.epoch if replay is not None else None
+        skip = covered(replay, last)
 
         shutdown = anyio.Event()  # set by sse-starlette when the server shuts down
 
@@ -139,11 +147,12 @@ def emitguard_routes(
                     for seq, message in replay.messages:
                         if subscription.closed:
                             return
-                        yield _event(seq, message, texts)
+                        yield _event(seq, message, texts, replay.epoch)
                 async for seq, message in subscription:
                     if subscription.closed:  # fell behind or a write overran: end, resume
                         return
-                    yield _event(seq, message, texts)
+                    if seq > skip:
+                        yield _event(seq, message, texts, subscription.epoch)
             finally:
                 watcher.cancel()
                 subscription.close("stream ended")
@@ -161,13 +170,13 @@ def emitguard_routes(
     async def messages(request: Request) -> Response:
         try:
             thread_id = await checked(request)
-            after = _cursor(request.query_params.get("after", "0"), "after")
+            epoch, after = _position(request.query_params.get("after", "0"), "after")
             limit = _cursor(request.query_params.get("limit", str(page_limit)), "limit")
             if not 1 <= limit <= max_page_limit:
                 raise _Refused(400, f"limit must be from 1 to {max_page_limit}")
         except _Refused as refused:
             return _error(refused)
-        replay = guard.replay(thread_id, after=after)
+        replay = await guard.areplay(thread_id, after=after, epoch=epoch)
         if not replay.complete:
             body = {
                 **resync_message(thread_id, after, replay),
@@ -175,7 +184,7 @@ def emitguard_routes(
                 "next_after": replay.latest,
                 "more": False,
             }
-            return JSONResponse(body, headers=_NO_STORE)
+            return JSONResponse(_with_cursor(body, replay.epoch), headers=_NO_STORE)
         page = replay.messages[:limit]
         body = {
             "type": "page",
@@ -186,7 +195,7 @@ def emitguard_routes(
             "latest_seq": replay.latest,
             "recovered": True,
         }
-        return JSONResponse(body, headers=_NO_STORE)
+        return JSONResponse(_with_cursor(body, replay.epoch), headers=_NO_STORE)
 
     return [
         Route(f"{base}/threads/{{thread_id}}/events", events, methods=["GET"]),
@@ -200,6 +209,22 @@ def _cursor(text: str, what: str) -> int:
     return int(text)
 
 
+def _position(text: str, what: str) -> tuple[str | None, int]:
+    """A client's cursor: ``<seq>``, or ``<epoch>:<seq>`` (what a shared outbox hands out)."""
+    epoch, colon, seq = text.rpartition(":")
+    if colon and not _EPOCH.fullmatch(epoch):
+        raise _Refused(400, f"{what} must be <seq> or <epoch>:<seq>")
+    return (epoch if colon else None), _cursor(seq, what)
+
+
+def _with_cursor(body: dict[str, Any], epoch: str | None) -> dict[str, Any]:
+    """A page with a shared outbox's epoch and the cursor of the next one."""
+    if epoch is not None:
+        body["epoch"] = epoch
+        body["cursor"] = f"{epoch}:{body['next_after']}"
+    return body
+
+
 def _kind(message: Any) -> str:
     return event_type_of(message) or "message"
 
@@ -208,8 +233,9 @@ def _encode(message: Any) -> str:
     return json.dumps(message, default=str)
 
 
-def _event(seq: int, message: Any, texts: TextCache) -> ServerSentEvent:
-    return ServerSentEvent(texts.text(message), id=str(seq), event=_kind(message))
+def _event(seq: int, message: Any, texts: TextCache, epoch: str | None) -> ServerSentEvent:
+    ident = str(seq) if epoch is None else f"{epoch}:{seq}"
+    return ServerSentEvent(texts.text(message), id=ident, event=_kind(message))
 
 
 def _error(refused: _Refused) -> Response:

@@ -1,7 +1,8 @@
 """ThreadHub: a connection manager for new apps, built on a guard.
 
 Threads, their websockets, a ``seq`` on every message and replay for a client that
-reconnects. Each websocket reads each of its threads through a bounded queue (a
+reconnects, on one process or, with a shared outbox (``outbox="redis://..."``), on any worker of
+the app. Each websocket reads each of its threads through a bounded queue (a
 :class:`~emitguard.subscriptions.Subscription`) and a writer task of its own
 (:class:`~emitguard_adapters._writer.SocketWriter`): no client can hold a thread's line or
 stall another client. See ``docs/starlette.md``.
@@ -16,11 +17,12 @@ import reprlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from emitguard import Guard
+from emitguard import Guard, Replay
 from emitguard_adapters._access import (
     THREAD_ID,
     authorized,
     close_reason,
+    covered,
     resync_message,
     seconds,
 )
@@ -79,7 +81,8 @@ class ThreadHub:
         self.send_timeout = seconds("send_timeout", send_timeout)
         self.authorize_timeout = seconds("authorize_timeout", authorize_timeout)
         if guard is None:
-            guard = Guard(stamp_seq="seq", history=history, name="ThreadHub", **guard_options)
+            guard_options.setdefault("name", "ThreadHub")
+            guard = Guard(stamp_seq="seq", history=history, **guard_options)
         elif guard_options:
             raise TypeError("pass guard options or a guard, not both")
         if guard.options.stamp_seq is None or not guard.options.history:
@@ -92,16 +95,21 @@ class ThreadHub:
         self._writers: dict[int, SocketWriter] = {}
         self._readers: dict[str, list[SocketWriter]] = {}
 
-    async def attach(self, websocket: WebSocket, thread_id: Any, last_seq: Any = None) -> bool:
+    async def attach(
+        self, websocket: WebSocket, thread_id: Any, last_seq: Any = None, epoch: Any = None
+    ) -> bool:
         """Attach an accepted websocket to a thread; False (and the socket closed with 1008
-        and a reason) when ``authorize`` refuses or the thread id or ``last_seq`` is bad, and
-        False when the client has already left.
+        and a reason) when ``authorize`` refuses or the thread id, ``last_seq`` or ``epoch``
+        is bad, and False when the client has already left.
 
         With ``last_seq``, the client first receives, in order, what it missed since then, or
         a ``resync`` message when the window no longer holds it; then the thread's live
-        messages. Nothing is written here: the socket's writer does it.
+        messages. With a shared outbox (Redis) the cursor is ``(epoch, last_seq)``: the
+        ``epoch`` of the last message the client saw (every message carries it); a cursor of
+        another epoch (the history was lost) gets the resync. Nothing is written here: the
+        socket's writer does it.
         """
-        bad = self._bad_request(thread_id, last_seq)
+        bad = self._bad_request(thread_id, last_seq, epoch)
         if bad is not None:  # what a client sent: refuse it, do not raise into the endpoint
             return await _refuse(websocket, bad)
         allowed = await authorized(self._authorize, websocket, thread_id, self.authorize_timeout)
@@ -117,9 +125,10 @@ class ThreadHub:
         if writer.reading(thread_id):
             return True  # attaching twice is one
         async with self.guard.hold(thread_id):  # no delivery between the replay and live
-            backlog = self._backlog(thread_id, last_seq)
+            backlog, replayed = await self._backlog(thread_id, last_seq, epoch)
             subscription = self.guard.subscribe(thread_id, maxsize=self.queue_size)
-        writer.add(thread_id, subscription, backlog)
+            subscription.epoch = replayed.epoch if replayed is not None else None
+        writer.add(thread_id, subscription, backlog, covered(replayed, last_seq))
         readers = self._readers.setdefault(thread_id, [])
         if writer not in readers:
             readers.append(writer)
@@ -128,7 +137,9 @@ class ThreadHub:
     async def serve(self, websocket: WebSocket) -> None:
         """Serve an accepted websocket the hub's way, until it goes: its first message is the
         hello, JSON ``{"thread_id": ..., "last_seq": <int> or null}``; then it reads the
-        thread. A hello that is not that is refused with 1008; later messages are ignored.
+        thread (with a shared outbox, also ``"epoch"``: the one of the message whose seq is
+        ``last_seq``). A hello that is not that is refused with 1008; later messages are
+        ignored.
         Nothing a client sends or does makes this raise."""
         try:
             hello = _hello(await websocket.receive())
@@ -175,15 +186,17 @@ class ThreadHub:
         self._texts.text(message)
         return False  # no socket written here: the readers' queues count as the delivery
 
-    def _backlog(self, thread_id: str, last_seq: int | None) -> list[Any]:
+    async def _backlog(
+        self, thread_id: str, last_seq: int | None, epoch: str | None
+    ) -> tuple[list[Any], Replay | None]:
         if last_seq is None:
-            return []
-        replay = self.guard.replay(thread_id, after=last_seq)
+            return [], None
+        replay = await self.guard.areplay(thread_id, after=last_seq, epoch=epoch)
         if not replay.complete:
-            return [resync_message(thread_id, last_seq, replay)]
-        return [message for _, message in replay.messages]
+            return [resync_message(thread_id, last_seq, replay)], replay
+        return [message for _, message in replay.messages], replay
 
-    def _bad_request(self, thread_id: object, last_seq: object) -> str | None:
+    def _bad_request(self, thread_id: object, last_seq: object, epoch: object) -> str | None:
         if not isinstance(thread_id, str) or not thread_id:
             return f"thread_id must be a non-empty string, got {reprlib.repr(thread_id)}"
         if not self._valid_thread.fullmatch(thread_id):
@@ -192,14 +205,17 @@ class ThreadHub:
             isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0
         ):
             return f"last_seq must be an int >= 0 or null, got {reprlib.repr(last_seq)}"
+        if epoch is not None and not (isinstance(epoch, str) and _EPOCH.fullmatch(epoch)):
+            return f"epoch must be a short string or null, got {reprlib.repr(epoch)}"
         return None
 
 
 HELLO = 'the first message must be JSON {"thread_id": ..., "last_seq": ...}'
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{0,64}")
 
 
-def _hello(message: MutableMapping[str, Any]) -> tuple[Any, Any] | str | None:
-    """The thread id and last seq a hello names (:meth:`ThreadHub.attach` checks them), why
+def _hello(message: MutableMapping[str, Any]) -> tuple[Any, Any, Any] | str | None:
+    """The thread id, last seq and epoch a hello names (:meth:`ThreadHub.attach` checks them), why
     it is no hello, or None when the client left instead."""
     if message["type"] == "websocket.disconnect":
         return None
@@ -209,7 +225,7 @@ def _hello(message: MutableMapping[str, Any]) -> tuple[Any, Any] | str | None:
         hello = None
     if not isinstance(hello, dict):
         return HELLO
-    return hello.get("thread_id"), hello.get("last_seq")
+    return hello.get("thread_id"), hello.get("last_seq"), hello.get("epoch")
 
 
 def _open(websocket: WebSocket) -> bool:

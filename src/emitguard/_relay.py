@@ -15,13 +15,16 @@ With a shared backend every emission goes through the thread's log, wherever it 
 
 Entries hold data only. The send that delivers is the guard's ``deliver(thread_id, message)``
 when it was given one, else the last send this process saw for the thread, rebound to the
-stored message.
+stored message; every entry is also handed to the thread's subscriptions in this process
+(``fan``: the ThreadHub's sockets, SSE streams), and one they took counts as delivered. With
+``stamp_seq`` a dict message gets its seq and its epoch (key ``epoch``): a client's cursor.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
@@ -31,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from emitguard._history import Replay
 from emitguard._loops import alive, running_loop
 from emitguard._recorder import Recorder
 from emitguard.calls import Call, Verdict, judge, judge_error
@@ -45,6 +49,9 @@ log = logging.getLogger("emitguard")
 
 Deliver = Callable[[str, Any], Any]
 """``deliver(thread_id, message)``: the manager's own send, for entries read from the log."""
+Fan = Callable[[str, int, str, Any], bool]
+"""``fan(thread_id, seq, epoch, message)``: hand an entry to the thread's subscriptions here;
+True when one took it."""
 
 _BATCH = 100
 
@@ -92,8 +99,10 @@ class Relay:
         options: GuardOptions,
         deliver: Deliver | None,
         home: Callable[[], asyncio.AbstractEventLoop | None],
+        fan: Fan | None = None,
     ) -> None:
         self.shared = shared
+        self._fan = fan
         self.worker = worker_id()
         self._recorder = recorder
         self._options = options
@@ -395,13 +404,14 @@ class Relay:
                 self._recorder.make(Outcome.DROPPED, thread_id, here.cursor + 1, None, why)
             )
         message = stored.message
+        epoch = here.epoch or ""
         if self._stamp is not None and isinstance(message, dict):
-            message = {**message, self._stamp: seq}
+            message = {**message, self._stamp: seq, "epoch": epoch}
         backoff = self._options.retry_backoff
         attempts = 0
         while True:
             attempts += 1
-            verdict, failure = await self._attempt(thread_id, message)
+            verdict, failure = await self._attempt(thread_id, seq, epoch, message)
             if verdict is not Verdict.RETRY:
                 break
             if attempts > len(backoff):
@@ -423,7 +433,18 @@ class Relay:
         here.cursor = seq
         return True
 
-    async def _attempt(self, thread_id: str, message: Any) -> tuple[Verdict, str | None]:
+    async def _attempt(
+        self, thread_id: str, seq: int, epoch: str, message: Any
+    ) -> tuple[Verdict, str | None]:
+        verdict, failure = await self._call(thread_id, message)
+        fan = self._fan
+        if verdict is Verdict.POISON or fan is None:
+            return verdict, failure
+        if fan(thread_id, seq, epoch, message):
+            return Verdict.OK, None
+        return verdict, failure
+
+    async def _call(self, thread_id: str, message: Any) -> tuple[Verdict, str | None]:
         try:
             if self._deliver is not None:
                 result = self._deliver(thread_id, message)
@@ -495,15 +516,29 @@ class Relay:
 
     # ------------------------------------------------------------------ queries
 
-    async def replay(self, thread_id: str, after: int, epoch: str | None) -> Any:
+    async def replay(self, thread_id: str, after: int, epoch: str | None) -> Replay:
         found = await self.shared.replay(thread_id, after, epoch)
-        self._replayed[thread_id] = (found.epoch, found.latest)
-        return found
+        return self._replayed_to(thread_id, found)
 
-    def replay_sync(self, thread_id: str, after: int, epoch: str | None) -> Any:
+    def replay_sync(self, thread_id: str, after: int, epoch: str | None) -> Replay:
         found = self.shared.replay_sync(thread_id, after, epoch)
-        self._replayed[thread_id] = (found.epoch, found.latest)
-        return found
+        return self._replayed_to(thread_id, found)
+
+    def _replayed_to(self, thread_id: str, found: Replay) -> Replay:
+        """The replay's messages stamped as live ones are; and a delivery that starts here
+        next starts after what it handed over (one already running goes on from its cursor:
+        its readers skip what they replayed)."""
+        if thread_id not in self._here:
+            self._replayed[thread_id] = (found.epoch, found.latest)
+        stamp = self._stamp
+        if stamp is None or not found.messages:
+            return found
+        epoch = found.epoch or ""
+        messages = [
+            (seq, {**message, stamp: seq, "epoch": epoch} if isinstance(message, dict) else message)
+            for seq, message in found.messages
+        ]
+        return dataclasses.replace(found, messages=messages)
 
     async def wait_ready(self, thread_id: str, timeout: float) -> bool:
         """Wait until a connection of the thread is held by any process."""

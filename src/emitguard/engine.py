@@ -123,7 +123,7 @@ class Guard:
             if not isinstance(self.outbox, RedisOutbox):
                 raise TypeError(f"no relay for the shared backend {self.outbox!r}")
             home = self._flow_home
-            relay = Relay(self.outbox, self._recorder, opts, deliver, home)
+            relay = Relay(self.outbox, self._recorder, opts, deliver, home, self._fan_shared)
             self._relay = self._pipeline.relay = relay
         hooks.load_entry_points()
         _live.add(self)
@@ -132,6 +132,23 @@ class Guard:
 
     def _flow_home(self) -> asyncio.AbstractEventLoop | None:
         return self._flow.home
+
+    def _fan_shared(self, thread_id: str, seq: int, epoch: str, message: Any) -> bool:
+        """Hand an entry of the shared log to the thread's subscriptions here (the relay
+        calls this); one opened in another epoch is closed: its client resumes and is told
+        to resync."""
+        slot = self._table.get(thread_id)
+        if slot is None or not slot.subscribers:
+            return False
+        took = False
+        for subscription in list(slot.subscribers):
+            if subscription.epoch is None:
+                subscription.epoch = epoch
+            elif subscription.epoch != epoch:
+                subscription.close(f"history lost (epoch {subscription.epoch} -> {epoch})")
+                continue
+            took = subscription.offer(seq, message) or took
+        return took
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"threads={len(self._table)}"
@@ -344,8 +361,7 @@ class Guard:
         async code prefers :meth:`areplay`."""
         check_thread_id(thread_id)
         if self._relay is not None:
-            found: Replay = self._relay.replay_sync(str(thread_id), after, epoch)
-            return found
+            return self._relay.replay_sync(str(thread_id), after, epoch)
         if self._window is None:
             raise ValueError("replay() needs a replay window: build the guard with history=N")
         slot = self._table.get(thread_id)
@@ -364,8 +380,7 @@ class Guard:
         """:meth:`replay` for async code (it awaits the Redis calls of a shared backend)."""
         check_thread_id(thread_id)
         if self._relay is not None:
-            found: Replay = await self._relay.replay(thread_id, after, epoch)
-            return found
+            return await self._relay.replay(thread_id, after, epoch)
         return self.replay(thread_id, after, epoch)
 
     @contextlib.asynccontextmanager

@@ -431,6 +431,8 @@ def _replay(
     if epoch is not None and epoch != current:
         return Replay([], complete=False, latest=latest, epoch=current)
     messages = [(s.seq, s.message) for s in map(_stored, rows)]
+    if messages:  # an append that landed between the pipeline's reads: it is in the rows
+        latest = max(latest, messages[-1][0])
     floor = _stored(first[0]).seq if first else latest + 1
     complete = floor <= after + 1 and after <= latest
     return Replay(messages, complete=complete, latest=latest, epoch=current)

@@ -24,7 +24,16 @@ class Subscription:
     closed (its client reconnects and resumes from its last seq) rather than buffered forever.
     """
 
-    __slots__ = ("_items", "_on_close", "_waiter", "closed", "maxsize", "reason", "thread_id")
+    __slots__ = (
+        "_items",
+        "_on_close",
+        "_waiter",
+        "closed",
+        "epoch",
+        "maxsize",
+        "reason",
+        "thread_id",
+    )
 
     def __init__(
         self, thread_id: Hashable, maxsize: int, on_close: Callable[[Subscription], None]
@@ -34,6 +43,11 @@ class Subscription:
         self.closed = False
         self.reason: str | None = None
         """Why it was closed."""
+        self.epoch: str | None = None
+        """With a shared backend (Redis), the epoch of the seqs it carries (set by whoever
+        opened it from its replay, or by its first delivery); a delivery of another epoch
+        closes it, so that its client resumes against the new one and is told to resync.
+        ``None`` in memory."""
         self._items: deque[tuple[int, Any]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._on_close = on_close

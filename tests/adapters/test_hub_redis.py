@@ -1,0 +1,246 @@
+"""ThreadHub, SSE and polling on a shared Redis: cursors carry the epoch, a client resumes on
+any worker, lost history is an explicit resync. Real redis-server processes on free ports,
+real uvicorn workers (processes, and servers in the test's loop), real websockets clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from emitguard_adapters.fallback import emitguard_routes
+from emitguard_adapters.starlette import ThreadHub, allow_any
+from emitguard_adapters.testing import serve
+from redis_support import SCALE, RedisServer, free_port
+
+WORKER = Path(__file__).parent.parent / "redis_hub_worker.py"
+
+
+class AppWorker:
+    """``tests/redis_hub_worker.py`` in a process of its own, on a free port."""
+
+    def __init__(self, url: str) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, str(WORKER), url, str(self.port)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "ready", "the worker did not start"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """``kill -9``."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+class Reader:
+    """A websocket client of one thread that keeps its cursor (epoch, last seq)."""
+
+    def __init__(self, thread_id: str) -> None:
+        self.thread_id = thread_id
+        self.got: list[dict[str, Any]] = []
+        self.resyncs: list[dict[str, Any]] = []
+        self.epoch: str | None = None
+        self.last_seq: int | None = None
+        self.connections = 0
+
+    async def read(self, url: str, until: int, *, kill_after: int | None = None) -> None:
+        """Read from ``url`` until ``until`` events arrived (or, with ``kill_after``, until
+        that many did: the caller kills the server); the connection may drop meanwhile."""
+        self.connections += 1
+        async with connect(url) as socket:
+            await socket.send(json.dumps(self.hello()))
+            with contextlib_suppress_closed():
+                while len(self.got) < (kill_after or until):
+                    self.take(json.loads(await asyncio.wait_for(socket.recv(), 10)))
+
+    def hello(self) -> dict[str, Any]:
+        return {"thread_id": self.thread_id, "last_seq": self.last_seq, "epoch": self.epoch}
+
+    def take(self, message: dict[str, Any]) -> None:
+        if message["type"] == "resync":
+            self.resyncs.append(message)
+            self.epoch, self.last_seq = message.get("epoch"), message["latest_seq"]
+            return
+        self.got.append(message)
+        self.epoch, self.last_seq = message["epoch"], message["seq"]
+
+
+class contextlib_suppress_closed:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, ConnectionClosed)
+
+
+@pytest.fixture
+def workers(redis_server: RedisServer) -> Any:
+    started: list[AppWorker] = []
+
+    def start(count: int) -> list[AppWorker]:
+        started.extend(AppWorker(redis_server.url) for _ in range(count))
+        return started[-count:]
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+async def test_a_client_whose_worker_is_killed_resumes_on_another_with_every_event_once(
+    workers: Any,
+) -> None:
+    # An agent emits in worker A; each thread's client reads on worker B; B is killed -9
+    # mid-run; the clients reconnect to C with their cursor and get the rest, in order, once.
+    agent, first, second = workers(3)
+    count = max(int(300 * SCALE), 60)
+    threads = [f"t{i}" for i in range(3)]
+    readers = {thread_id: Reader(thread_id) for thread_id in threads}
+    reading = [
+        asyncio.create_task(reader.read(first.ws, count, kill_after=count // 3))
+        for reader in readers.values()
+    ]
+    await asyncio.sleep(0.3)  # the readers are attached on B (the log would keep it anyway)
+    async with httpx.AsyncClient(base_url=agent.http) as http:
+        for thread_id in threads:
+            order = {"thread": thread_id, "count": count, "interval": 0.005}
+            assert (await http.post("/emit", json=order)).status_code == 200
+        await asyncio.wait_for(asyncio.gather(*reading), 20)
+        first.kill()  # mid-run: the agent is still emitting in A
+        assert all(len(r.got) < count for r in readers.values())
+        await asyncio.wait_for(
+            asyncio.gather(*(r.read(second.ws, count) for r in readers.values())), 30
+        )
+        await asyncio.sleep(0.3)  # anything delivered twice would arrive now
+        emitted = (await http.get("/emitted")).json()
+    for thread_id, reader in readers.items():
+        assert emitted[thread_id] == count  # every send was acknowledged by the log
+        assert reader.resyncs == []
+        assert reader.connections == 2
+        assert [m["seq"] for m in reader.got] == list(range(1, count + 1)), thread_id
+        assert [m["n"] for m in reader.got] == list(range(count)), thread_id
+        assert len({m["epoch"] for m in reader.got}) == 1
+
+
+# ------------------------------------------------------- in one process, two hubs on Redis
+
+
+async def _hub_server(url: str) -> tuple[ThreadHub, Starlette]:
+    hub = ThreadHub(authorize=allow_any, outbox=url)
+
+    async def endpoint(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await hub.serve(websocket)
+
+    routes = [WebSocketRoute("/ws", endpoint), *emitguard_routes(hub.guard, authorize=allow_any)]
+    return hub, Starlette(routes=routes)
+
+
+async def _recv(socket: ClientConnection) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await asyncio.wait_for(socket.recv(), 5))
+    return message
+
+
+async def test_lost_history_is_a_resync_in_the_new_epoch(redis_server: RedisServer) -> None:
+    hub_a, app_a = await _hub_server(redis_server.url)
+    hub_b, app_b = await _hub_server(redis_server.url)
+    try:
+        async with serve(app_a) as base_a, serve(app_b) as base_b:
+            async with connect(f"ws://{base_b}/ws") as socket:
+                await socket.send(json.dumps({"thread_id": "t1", "last_seq": None}))
+                await asyncio.sleep(0.2)
+                for n in range(3):
+                    assert await hub_a.send("t1", {"type": "agent_update", "n": n})
+                got = [await _recv(socket) for _ in range(3)]
+            assert [m["seq"] for m in got] == [1, 2, 3]
+            epoch = got[0]["epoch"]
+            assert epoch
+            assert {m["epoch"] for m in got} == {epoch}
+
+            # the same cursor on the other worker: nothing missed, then live
+            async with connect(f"ws://{base_a}/ws") as socket:
+                hello = {"thread_id": "t1", "last_seq": 1, "epoch": epoch}
+                await socket.send(json.dumps(hello))
+                assert [(await _recv(socket))["seq"] for _ in range(2)] == [2, 3]
+                assert await hub_b.send("t1", {"type": "agent_update", "n": 3})
+                assert (await _recv(socket))["seq"] == 4
+
+            # the thread's history is lost (its keys gone, as after a Redis restarted with no
+            # persistence: tests/test_redis_processes.py restarts one): a new epoch
+            import redis
+
+            with redis.Redis.from_url(redis_server.url) as client:
+                client.delete("emitguard:{t1}:stream", "emitguard:{t1}:meta")
+            assert await hub_a.send("t1", {"type": "agent_update", "n": 4})
+            async with connect(f"ws://{base_b}/ws") as socket:
+                hello = {"thread_id": "t1", "last_seq": 4, "epoch": epoch}
+                await socket.send(json.dumps(hello))
+                resync = await _recv(socket)
+            assert resync["type"] == "resync"
+            assert resync["recovered"] is False
+            assert resync["epoch"] != epoch
+            assert resync["latest_seq"] == 1
+
+            # SSE and polling hand out and take the same (epoch, seq) cursors
+            async with httpx.AsyncClient(base_url=f"http://{base_a}", timeout=5) as http:
+                page = (await http.get("/emitguard/threads/t1/messages?after=0")).json()
+                assert page["epoch"] == resync["epoch"]
+                assert page["cursor"] == f"{resync['epoch']}:1"
+                assert [m["seq"] for m in page["messages"]] == [1]
+                stale = f"{epoch}:1"
+                page = (await http.get(f"/emitguard/threads/t1/messages?after={stale}")).json()
+                assert page["type"] == "resync"
+                assert page["epoch"] == resync["epoch"]
+                headers = {"Last-Event-ID": stale}
+                async with http.stream("GET", "/emitguard/threads/t1/events", headers=headers) as r:
+                    assert await _first_event(r) == ("resync", None)
+                headers = {"Last-Event-ID": f"{resync['epoch']}:0"}
+                async with http.stream("GET", "/emitguard/threads/t1/events", headers=headers) as r:
+                    assert await _first_event(r) == ("agent_update", f"{resync['epoch']}:1")
+    finally:
+        await hub_a.guard.aclose()
+        await hub_b.guard.aclose()
+
+
+async def _first_event(response: httpx.Response) -> tuple[str, str | None]:
+    fields: dict[str, str] = {}
+    lines = response.aiter_lines()
+    while True:
+        line = await asyncio.wait_for(anext(lines), 5)
+        if line == "" and "data" in fields:
+            return fields["event"], fields.get("id")
+        if line and not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.strip()
