@@ -96,6 +96,7 @@ def extra(name: str) -> set[str]:
 FEATURES: dict[str, tuple[str, ...]] = {
     "src/emitguard": (),
     "src/emitguard/redis_outbox.py": ("redis",),
+    "src/emitguard/instrumentation.py": ("otel-instrument",),
     "adapters/emitguard_adapters/__init__.py": (),
     "adapters/emitguard_adapters/_params.py": (),
     "adapters/emitguard_adapters/commands.py": (),

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +99,9 @@ class Pipeline:
         self._warned_closed = False
         self.relay: Relay | None = None
         """Set with a shared backend: every send goes through the thread's shared log."""
+        self.probe: Callable[[], None] | None = None
+        """Set while the guard is instrumented but has no SDK yet: called before each send
+        (the plain fast path is off meanwhile), it looks for one."""
 
     def plan(
         self, *, subscribed: bool, listening: bool, instrumented: bool, closed: bool

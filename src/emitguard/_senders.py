@@ -177,6 +177,8 @@ class Senders:
         A plain function returning the coroutine of the path it picks, not a coroutine of its
         own: one coroutine frame less on every send that is not on the plain fast path."""
         pipeline = self._pipeline
+        if pipeline.probe is not None:  # instrumented, no SDK found yet: look again
+            pipeline.probe()
         if names_no_thread(thread_id) and not pipeline.closed:
             return pipeline.passed(message, Call(fn, args, kwargs, rebind, kind))
         if pipeline.direct:  # (the fast path, which hands anything else to the general one)
@@ -195,6 +197,8 @@ class Senders:
     ) -> bool:
         """:meth:`send_call` for a synchronous original."""
         pipeline, call = self._pipeline, Call(fn, args, kwargs, rebind, kind)
+        if pipeline.probe is not None:  # instrumented, no SDK found yet: look again
+            pipeline.probe()
         if names_no_thread(thread_id) and not pipeline.closed:
             return pipeline.passed_sync(message, call)  # type: ignore[no-any-return]
         if pipeline.tel.active:

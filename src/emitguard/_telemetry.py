@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.context import _SUPPRESS_INSTRUMENTATION_KEY
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import (
@@ -39,7 +40,7 @@ from emitguard.options import GuardOptions
 from emitguard.records import Emission, event_reader
 from emitguard.states import Outcome
 
-__all__ = ["FLUSH", "SEND", "Scope", "Telemetry"]
+__all__ = ["FLUSH", "INSTRUMENTATION", "SEND", "Instrumentation", "Scope", "Telemetry"]
 
 log = logging.getLogger("emitguard")
 
@@ -108,6 +109,39 @@ class Scope:
 _scope: ContextVar[Scope | None] = ContextVar("emitguard_scope", default=None)
 
 
+class Instrumentation:
+    """What ``EmitguardInstrumentor.instrument()`` / ``uninstrument()`` said, process-wide.
+
+    ``state`` is ``None`` until either is called (guards trace whenever an SDK stands behind
+    their providers), ``True`` once instrumented (the instrumentor's providers stand in for
+    the global ones, and a guard that has not found an SDK yet looks again on each send) and
+    ``False`` once uninstrumented (no spans, no metrics, from any guard). It starts ``False``
+    when ``OTEL_PYTHON_DISABLED_INSTRUMENTATIONS`` names ``emitguard`` (or ``*``), as
+    ``opentelemetry-instrument`` reads it.
+    """
+
+    __slots__ = ("meter_provider", "state", "tracer_provider")
+
+    def __init__(self) -> None:
+        disabled = os.environ.get("OTEL_PYTHON_DISABLED_INSTRUMENTATIONS", "")
+        names = {name.strip() for name in disabled.split(",")}
+        self.state: bool | None = False if names & {"emitguard", "*"} else None
+        self.tracer_provider: TracerProvider | None = None
+        self.meter_provider: MeterProvider | None = None
+
+    def set(
+        self,
+        state: bool | None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
+        self.state = state
+        self.tracer_provider, self.meter_provider = tracer_provider, meter_provider
+
+
+INSTRUMENTATION = Instrumentation()
+
+
 class Telemetry:
     """A guard's tracer and instruments, resolved from the providers it was given."""
 
@@ -119,6 +153,7 @@ class Telemetry:
         "_metrics",
         "_names",
         "_outbox_size",
+        "_seen",
         "_traced_by",
         "_tracer_provider",
         "_tracing",
@@ -152,6 +187,7 @@ class Telemetry:
         self._hook_failed = False
         self._tracing, self._metrics = options.tracing, options.metrics
         self._traced_by: TracerProvider | None = None
+        self._seen: tuple[object, object] | None = None
         self.tracer: Tracer | None = None
         self.instruments: Instruments | None = None
         self.active = False
@@ -164,8 +200,12 @@ class Telemetry:
 
     def refresh(self) -> bool:
         """Look for an SDK behind the providers again; True when anything changed."""
-        tracer = self._find_tracer() if self._tracing else None
-        meter = meter_of(self._meter_provider, __version__) if self._metrics else None
+        on = INSTRUMENTATION.state is not False
+        tracer = self._find_tracer() if self._tracing and on else None
+        meter_provider = self._meter_provider
+        if meter_provider is None:
+            meter_provider = INSTRUMENTATION.meter_provider
+        meter = meter_of(meter_provider, __version__) if self._metrics and on else None
         instruments = Instruments.of(meter) if meter is not None else None
         changed = tracer is not self.tracer or instruments is not self.instruments
         if self.instruments is not None and instruments is not self.instruments:
@@ -179,12 +219,30 @@ class Telemetry:
     @property
     def complete(self) -> bool:
         """Whether everything the options ask for was found (nothing left to look for)."""
+        if INSTRUMENTATION.state is False:
+            return True
         return (self.tracer is not None or not self._tracing) and (
             self.instruments is not None or not self._metrics
         )
 
+    @property
+    def probing(self) -> bool:
+        """Instrumented and still missing a tracer or a meter: each send looks again
+        (:meth:`stale`), so an SDK configured later traces the very next send."""
+        return INSTRUMENTATION.state is True and not self.complete
+
+    def stale(self) -> bool:
+        """Whether the global providers changed since the last call (cheap: two look-ups)."""
+        seen = (trace.get_tracer_provider(), metrics.get_meter_provider())
+        if self._seen is not None and seen[0] is self._seen[0] and seen[1] is self._seen[1]:
+            return False
+        self._seen = seen
+        return True
+
     def _find_tracer(self) -> Tracer | None:
         provider = self._tracer_provider
+        if provider is None or isinstance(provider, ProxyTracerProvider):
+            provider = INSTRUMENTATION.tracer_provider
         if provider is None or isinstance(provider, ProxyTracerProvider):
             provider = trace.get_tracer_provider()
         if isinstance(provider, (ProxyTracerProvider, NoOpTracerProvider)):

@@ -173,12 +173,20 @@ class Guard:
         self._plan()
 
     def _plan(self) -> None:
+        probing = self._tel.probing
+        self._pipeline.probe = self._probe if probing else None
         self._pipeline.plan(
             subscribed=bool(self._subscribed),
             listening=hooks.listening(),
-            instrumented=self._tel.active or self._delivery.confirm is not None,
+            instrumented=self._tel.active or probing or self._delivery.confirm is not None,
             closed=self.closed,
         )
+
+    def _probe(self) -> None:
+        """Run before each send while instrumented without an SDK found yet (the
+        instrumentor's promise: an SDK configured later traces the very next send)."""
+        if self._tel.stale() and self._tel.refresh():
+            self._plan()
 
     # ------------------------------------------------------------------ sends
 
