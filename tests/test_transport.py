@@ -7,6 +7,7 @@ Starlette tests cover the same paths over real sockets.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -80,6 +81,40 @@ async def test_a_frame_on_a_carrier_connection_confirms_a_late_writer() -> None:
         assert stats.outcomes[Outcome.DELIVERED] == 2
     finally:
         task.cancel()
+
+
+async def test_a_frame_from_another_os_thread_before_the_wait_confirms() -> None:
+    """A Channels consumer runs on the main loop while a sync agent's group_send runs on its
+    own loop in a worker thread: the frame may leave before the sender starts watching its
+    carriers. Found with async_to_sync senders: the frame was missed, the send judged
+    unconfirmed and kept although the client had it."""
+    guard = Guard(ttl=None, retry_backoff=())
+    guard.confirm_deliveries(0.2)
+    connection = Connection()
+    guard.mark_connected("t1", owner=connection)
+    # a frame of an earlier event, sent before this send started, confirms nothing
+    threading.Thread(target=transport.frame_sent, args=(connection,)).start()
+    await asyncio.sleep(0.01)
+
+    async def silent(message: Any) -> bool:
+        return True
+
+    assert await guard.send("t1", {"type": "a"}, silent) is True  # kept, not lost
+    assert guard.stats().outcomes[Outcome.BUFFERED] == 1
+    connection = Connection()
+    guard.mark_connected("t2", owner=connection)
+
+    async def consumer_elsewhere(message: Any) -> bool:
+        # the frame leaves from another OS thread (no probe in its context) before the
+        # original returns, so before the guard waits for it
+        other = threading.Thread(target=transport.frame_sent, args=(connection,))
+        other.start()
+        other.join()
+        return True
+
+    assert await guard.send("t2", {"type": "b"}, consumer_elsewhere) is True
+    assert guard.stats().outcomes[Outcome.DELIVERED] == 1
+    assert guard.state("t2") is ConnectionState.CONNECTED
 
 
 async def test_unconfirmed_without_any_frame() -> None:

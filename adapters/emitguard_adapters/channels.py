@@ -66,14 +66,17 @@ def guard_layer(layer: Any = None, *, confirm: float | None = 0.5, **options: An
 
 
 class GuardedConsumerMixin:
-    """Put before a Channels websocket consumer class: each frame the consumer sends is
-    confirmed to the guard of its channel layer, and its channel leaving (the socket
-    closing) is the owner going away."""
+    """Put before a Channels websocket consumer class, async (``AsyncWebsocketConsumer``,
+    ``AsyncJsonWebsocketConsumer``) or sync (``WebsocketConsumer``): each frame the consumer
+    sends is confirmed to the guard of its channel layer, and the consumer ending (its socket
+    closed, its ``disconnect`` handler run) is its channel, the owner, going away."""
 
     channel_name: str
     channel_layer: Any
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+        # (wrapped at the ASGI call, which both kinds of consumer share: a sync consumer's
+        # handlers run in a worker thread, its frames still leave through this ``send``)
         async def confirmed_send(message: Any) -> None:
             await send(message)
             if message.get("type") == "websocket.send":
@@ -81,16 +84,18 @@ class GuardedConsumerMixin:
                 if name is not None:
                     transport.frame_sent(name)
 
-        return await super().__call__(scope, receive, confirmed_send)  # type: ignore[misc]
-
-    async def websocket_disconnect(self, message: Any) -> None:
         try:
-            await super().websocket_disconnect(message)  # type: ignore[misc]
+            return await super().__call__(scope, receive, confirmed_send)  # type: ignore[misc]
         finally:
-            guard = emitguard.guarded(self.channel_layer) if self.channel_layer else None
-            name = getattr(self, "channel_name", None)
-            if guard is not None and name is not None:
-                try:
-                    guard.disconnect_owner(name, f"consumer of {name} disconnected")
-                except Exception:
-                    log.exception("emitguard could not record that %s disconnected", name)
+            self._emitguard_gone()
+
+    def _emitguard_gone(self) -> None:
+        layer = getattr(self, "channel_layer", None)
+        name = getattr(self, "channel_name", None)
+        guard = emitguard.guarded(layer) if layer is not None else None
+        if guard is None or name is None:
+            return
+        try:
+            guard.disconnect_owner(name, f"consumer of {name} disconnected")
+        except Exception:
+            log.exception("emitguard could not record that %s disconnected", name)

@@ -303,6 +303,7 @@ class Guard:
         """
         gone: list[Hashable] = []
         table = self._table
+        transport.forget(owner)
         for slot in table.owner_gone(owner):
             with table.mutex:
                 if not slot.owners and slot.state is CONNECTED:

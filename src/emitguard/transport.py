@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
@@ -33,10 +34,12 @@ class Probe:
     """Counts the frames that leave while one original send runs (and after, for frames sent
     by tasks it spawned)."""
 
-    __slots__ = ("_waiter", "frames", "more", "owner")
+    __slots__ = ("_waiter", "frames", "more", "opened", "owner")
 
     def __init__(self) -> None:
         self.frames = 0
+        self.opened = time.monotonic()
+        """When the send started: a frame on a carrier since then counts (:meth:`wait`)."""
         self.owner: object = None
         """The first connection a frame left through, when the transport named it."""
         self.more: set[object] | None = None
@@ -89,9 +92,15 @@ class Probe:
         watched = list(carriers)  # the guard's owner keys: hashable
         for carrier in watched:
             _watchers.setdefault(carrier, set()).add(self)
+        # Watched from here on; a frame that left on a carrier before (a consumer on another
+        # OS thread's loop may send it the moment the original returns) is in _recent.
+        opened = self.opened
+        if any(_recent.get(carrier, -1.0) >= opened for carrier in watched):
+            self.frames += 1
         try:
-            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                await asyncio.wait_for(self._waiter, timeout)
+            if not self.frames:
+                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                    await asyncio.wait_for(self._waiter, timeout)
         finally:
             for carrier in watched:
                 probes = _watchers.get(carrier)
@@ -106,6 +115,11 @@ PROBE: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
 """The probe open in this context (the engine's fast path sets it without open_probe)."""
 _watchers: dict[object, set[Probe]] = {}
 """Probes waiting for a frame on a connection (only while a confirmation is late)."""
+_recent: dict[object, float] = {}
+"""When each connection last sent a frame outside any send's context (forgotten when its
+owner goes; emptied past ``_RECENT_LIMIT`` entries, the worst case being a confirmation
+missed and the event sent again)."""
+_RECENT_LIMIT = 100_000
 _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
 _associating: ContextVar[frozenset[object]] = ContextVar(
     "emitguard_associating", default=frozenset()
@@ -123,13 +137,24 @@ def frame_sent(owner: object = None) -> None:
             waiter.set_result(None)
         if owner is not None and owner is not probe.owner:
             probe._remember(owner)
-    elif _watchers:
+    elif owner is not None:
         try:
-            waiting = list(_watchers.get(owner, ()))
+            _recent[owner] = time.monotonic()
         except TypeError:  # an unhashable connection carries no known thread
             return
-        for late in waiting:
-            late.sent(owner)
+        if len(_recent) > _RECENT_LIMIT:
+            _recent.clear()
+        if _watchers:
+            for late in list(_watchers.get(owner, ())):
+                late.sent(owner)
+
+
+def forget(owner: object) -> None:
+    """``owner`` (a connection) went away: forget when it last sent a frame."""
+    try:
+        _recent.pop(owner, None)
+    except TypeError:
+        return
 
 
 def open_probe() -> tuple[Probe, Token[Probe | None]]:

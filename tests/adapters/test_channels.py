@@ -18,12 +18,12 @@ if not django_settings.configured:
     )
 
 from asgiref.sync import async_to_sync
-from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from channels.generic.websocket import AsyncJsonWebsocketConsumer, WebsocketConsumer
 from channels.layers import InMemoryChannelLayer, channel_layers
 from channels.testing import WebsocketCommunicator
 
 import emitguard
-from emitguard import ConnectionState
+from emitguard import ConnectionState, Outcome
 from emitguard_adapters.channels import GuardedConsumerMixin, guard_layer
 
 
@@ -97,26 +97,59 @@ async def test_unguarded_layer_loses_the_early_event() -> None:
 async def test_dead_consumer_queue_is_not_delivered_and_is_resent() -> None:
     layer = InMemoryChannelLayer()
     guard = guard_layer(layer, confirm=0.1, retry_backoff=(0.01,), stamp_seq="seq")
-    first = await connected(layer, "c1")
+    # A consumer that died before its disconnect ran (a crashed worker): its channel stays in
+    # the group and group_send keeps enqueueing into a queue nobody reads.
+    dead_channel = await layer.new_channel()
+    await layer.group_add("c1", dead_channel)
     await layer.group_send("c1", {"type": "chat.event", "n": 1})
-    assert await received(first, 1) == [{"n": 1, "seq": 1}]
-    # The socket dies without the consumer's disconnect running (a crashed worker): its
-    # channel stays in the group and group_send keeps enqueueing into a queue nobody reads.
-    dead_channel = next(iter(layer.groups["c1"]))
-    first.future.cancel()
-    await asyncio.sleep(0.05)
-    assert dead_channel in layer.groups["c1"]
-    await layer.group_send("c1", {"type": "chat.event", "n": 2})
     for _ in range(100):  # not confirmed: retried once, then the group counts as gone
         if guard.state("c1") is ConnectionState.DISCONNECTED:
             break
         await asyncio.sleep(0.05)
     assert guard.state("c1") is ConnectionState.DISCONNECTED
     assert guard.stats().pending_total == 1
+    assert guard.stats().outcomes[Outcome.DELIVERED] == 0
     second = await connected(layer, "c1")
-    assert await received(second, 1) == [{"n": 2, "seq": 2}]
+    assert await received(second, 1) == [{"n": 1, "seq": 1}]
     assert await guard.drain(1.0) == 0
     await second.disconnect()
+    emitguard.unguard(layer)
+
+
+class _SyncChat(GuardedConsumerMixin, WebsocketConsumer):
+    """The tutorial's first, synchronous consumer: the layer's calls through async_to_sync,
+    its handlers in a worker thread."""
+
+    def connect(self) -> None:
+        self.room = self.scope["url_route"]["kwargs"]["room"]
+        async_to_sync(self.channel_layer.group_add)(self.room, self.channel_name)
+        self.accept()
+
+    def disconnect(self, code: int) -> None:
+        async_to_sync(self.channel_layer.group_discard)(self.room, self.channel_name)
+
+    def chat_event(self, event: dict[str, Any]) -> None:
+        self.send(text_data=json.dumps({"n": event["n"], "seq": event.get("seq")}))
+
+
+async def test_a_sync_consumer_is_confirmed_and_its_end_is_the_channel_going_away() -> None:
+    layer = InMemoryChannelLayer()
+    channel_layers.set("default", layer)
+    guard = guard_layer(layer, confirm=2.0, ready_timeout=2.0, stamp_seq="seq")
+    early = asyncio.create_task(layer.group_send("s1", {"type": "chat.event", "n": 1}))
+    await asyncio.sleep(0.05)
+    client = WebsocketCommunicator(_SyncChat.as_asgi(), "/ws/s1/")
+    client.scope["url_route"] = {"kwargs": {"room": "s1"}}
+    ok, _ = await client.connect()
+    assert ok
+    await early
+    await layer.group_send("s1", {"type": "chat.event", "n": 2})
+    assert await received(client, 2) == [{"n": 1, "seq": 1}, {"n": 2, "seq": 2}]
+    assert guard.stats().outcomes[Outcome.DELIVERED] == 2  # both confirmed by the consumer's frames
+    await client.disconnect()
+    assert guard.state("s1") is ConnectionState.DISCONNECTED
+    await layer.group_send("s1", {"type": "chat.event", "n": 3})
+    assert guard.stats().pending_total == 1  # kept for the next group_add, not lost
     emitguard.unguard(layer)
 
 
@@ -140,9 +173,9 @@ async def _sync_agents(guarded: bool, rooms: int = 4, events: int = 15) -> float
     (each with its own short-lived loop), one group each; the clients check order and seq.
     Returns the seconds the agents took."""
     layer = InMemoryChannelLayer()
-    # confirm=5.0: on a loaded machine a frame can take seconds (seen: over 2 s, -n 2), and a
-    # group whose confirmations keep timing out counts as gone until its next group_add
-    guard = guard_layer(layer, stamp_seq="seq", confirm=5.0) if guarded else None
+    # (the consumer's frame may leave before the agent's thread starts waiting for it:
+    # confirmed all the same, see test_transport's frame from another OS thread)
+    guard = guard_layer(layer, stamp_seq="seq") if guarded else None
     names = [f"s{i}" for i in range(rooms)]
     clients = [await connected(layer, room, plain=not guarded) for room in names]
     errors: list[BaseException] = []
