@@ -132,6 +132,30 @@ async def test_guard_on_redis_delivers_in_order_and_replays(
         await guard.aclose()
 
 
+async def test_a_callable_stamp_is_called_for_log_entries_and_replays(redis_server: RedisServer):
+    """stamp_seq may be a callable (for messages that are not dicts): the relay used to put
+    the callable itself in the dict as a key."""
+    got: list[Any] = []
+
+    async def deliver(thread_id: str, message: Any) -> None:
+        got.append(message)
+
+    def stamp(message: Any, seq: int) -> Any:
+        return [seq, message]
+
+    guard = Guard(outbox=redis_server.url, deliver=deliver, stamp_seq=stamp)
+    try:
+        guard.mark_connected("t")
+        for n in range(3):
+            assert await guard.send("t", {"n": n}, deliver=_unused)
+        await eventually(lambda: len(got) == 3)
+        assert got == [[1, {"n": 0}], [2, {"n": 1}], [3, {"n": 2}]]
+        replay = await guard.areplay("t", 1)
+        assert [message for _, message in replay.messages] == [[2, {"n": 1}], [3, {"n": 2}]]
+    finally:
+        await guard.aclose()
+
+
 async def test_a_message_redis_cannot_store_is_rejected(redis_server: RedisServer):
     guard = Guard(outbox=redis_server.url)
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,13 +24,25 @@ import anyio.to_thread
 
 from emitguard import Replay
 
-__all__ = ["THREAD_ID", "authorized", "close_reason", "covered", "resync_message", "seconds"]
+__all__ = [
+    "EPOCH",
+    "THREAD_ID",
+    "authorized",
+    "close_reason",
+    "covered",
+    "resync_message",
+    "seconds",
+]
 
 log = logging.getLogger("emitguard")
 
 THREAD_ID = r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}"
 """What a valid thread id looks like by default (the ``thread_pattern`` option): a letter or
 digit, then up to 127 letters, digits and ``._:@-``."""
+
+EPOCH = re.compile(r"[A-Za-z0-9_-]{0,64}")
+"""What an epoch in a client's cursor may look like (a shared outbox's epochs are short
+tokens; ``""`` is a message stamped before its worker knew the epoch: it resumes by a resync)."""
 
 CLOSE_REASON_BYTES = 123
 """The WebSocket protocol's limit on a close reason (RFC 6455, section 5.5)."""
@@ -108,6 +121,6 @@ def covered(replay: Replay | None, last_seq: int | None) -> int:
         return 0
     if replay.epoch is not None:  # the shared log: the delivery goes on after its latest
         return replay.latest
-    if replay.complete and replay.messages:
-        return replay.messages[-1][0]
-    return last_seq or 0 if replay.complete else 0
+    if not replay.complete:
+        return 0
+    return replay.messages[-1][0] if replay.messages else last_seq or 0

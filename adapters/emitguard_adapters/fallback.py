@@ -39,7 +39,14 @@ from starlette.routing import Route
 
 from emitguard import Guard
 from emitguard.records import event_type_of
-from emitguard_adapters._access import THREAD_ID, authorized, covered, resync_message, seconds
+from emitguard_adapters._access import (
+    EPOCH,
+    THREAD_ID,
+    authorized,
+    covered,
+    resync_message,
+    seconds,
+)
 from emitguard_adapters._writer import SendDeadline, TextCache
 
 __all__ = ["THREAD_ID", "emitguard_routes"]
@@ -48,7 +55,6 @@ log = logging.getLogger("emitguard")
 
 Authorize = Callable[[Request, str], "bool | Awaitable[bool]"]
 _NO_STORE = {"Cache-Control": "no-store"}
-_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class _Refused(Exception):
@@ -212,7 +218,7 @@ def _cursor(text: str, what: str) -> int:
 def _position(text: str, what: str) -> tuple[str | None, int]:
     """A client's cursor: ``<seq>``, or ``<epoch>:<seq>`` (what a shared outbox hands out)."""
     epoch, colon, seq = text.rpartition(":")
-    if colon and not _EPOCH.fullmatch(epoch):
+    if colon and not EPOCH.fullmatch(epoch):
         raise _Refused(400, f"{what} must be <seq> or <epoch>:<seq>")
     return (epoch if colon else None), _cursor(seq, what)
 

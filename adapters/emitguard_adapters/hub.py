@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from emitguard import Guard, Replay
 from emitguard_adapters._access import (
+    EPOCH,
     THREAD_ID,
     authorized,
     close_reason,
@@ -205,13 +206,12 @@ class ThreadHub:
             isinstance(last_seq, bool) or not isinstance(last_seq, int) or last_seq < 0
         ):
             return f"last_seq must be an int >= 0 or null, got {reprlib.repr(last_seq)}"
-        if epoch is not None and not (isinstance(epoch, str) and _EPOCH.fullmatch(epoch)):
+        if epoch is not None and not (isinstance(epoch, str) and EPOCH.fullmatch(epoch)):
             return f"epoch must be a short string or null, got {reprlib.repr(epoch)}"
         return None
 
 
 HELLO = 'the first message must be JSON {"thread_id": ..., "last_seq": ...}'
-_EPOCH = re.compile(r"[A-Za-z0-9_-]{0,64}")
 
 
 def _hello(message: MutableMapping[str, Any]) -> tuple[Any, Any, Any] | str | None:

@@ -340,12 +340,16 @@ class Flow:
             log.warning("%s: flush gave up after %ss; the rest stays buffered", slot, limit)
         except Exception:
             log.exception("emitguard could not flush %s", slot)
-        for task in list(self.tasks):  # (a copy made at once: other threads may spawn)
-            if task.get_loop().is_closed():  # spawned as the private loop wound down
-                self.tasks.discard(task)
+        self._forget_dead_tasks()  # (any spawned as the private loop wound down)
         if slot.retry is not None:  # its timer died with the private loop
             delay = max(slot.retry_at - time.monotonic(), 0.0)
             slot.retry = later(delay, lambda: self._retry_due(slot), self.home)
+
+    def _forget_dead_tasks(self) -> None:
+        """Drop tasks whose loop closed before they ran (their done callback never comes)."""
+        for task in list(self.tasks):  # (a copy made at once: other threads may spawn)
+            if task.get_loop().is_closed():
+                self.tasks.discard(task)
 
     def _spawn_flush(self, slot: ThreadSlot) -> None:
         self.spawn(self._flush_task(slot))
@@ -462,17 +466,15 @@ class Flow:
     async def close(self) -> None:
         """Stop background work and close the outbox; what is still buffered is logged."""
         self.closed = True
+        self._forget_dead_tasks()
         here = asyncio.get_running_loop()
         tasks = []
-        for task in [*list(self.tasks), *([self._sweeper] if self._sweeper else [])]:
-            loop = task.get_loop()
-            if loop is here:
+        for task in [*self.tasks, *([self._sweeper] if self._sweeper else [])]:
+            if task.get_loop() is here:
                 task.cancel()
                 tasks.append(task)
-            elif loop.is_closed():  # left by a private flush's loop: it can never run again
-                self.tasks.discard(task)
             else:  # another loop's task: cancelled there, not awaited from here
-                call_on(loop, task.cancel)
+                call_on(task.get_loop(), task.cancel)
         await asyncio.gather(*tasks, return_exceptions=True)
         self._sweeper = None
         for slot in list(self.backlogged):

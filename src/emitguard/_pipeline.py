@@ -34,7 +34,7 @@ from emitguard._table import ThreadTable
 from emitguard._telemetry import Telemetry
 from emitguard.calls import MISSING, Call, Verdict, judge
 from emitguard.errors import EmissionError
-from emitguard.options import GuardOptions
+from emitguard.options import GuardOptions, stamped
 from emitguard.outbox import OutboxEntry, drive
 from emitguard.states import ConnectionState, Outcome
 
@@ -510,12 +510,7 @@ class Pipeline:
 
     def stamped(self, message: Any, seq: int) -> Any:
         """The message with its seq stamped in (option ``stamp_seq``), or as it is."""
-        stamp = self._stamp
-        if isinstance(stamp, str):
-            return {**message, stamp: seq} if isinstance(message, dict) else message
-        if stamp is not None:
-            return stamp(message, seq)
-        return message
+        return stamped(self._stamp, message, seq)
 
     def _unready_reason(self, slot: ThreadSlot) -> str:
         state = slot.state

@@ -50,7 +50,6 @@ class Recorder:
         """The guard's event-type reader (the ``event_type`` option)."""
         self._warned: OrderedDict[tuple[str, Any], None] = OrderedDict()
         self._tel = telemetry
-        self._window = window
         self.window = window
         """The replay window that delivered records feed (``None``: no ``history``)."""
         self._strict = strict
@@ -122,8 +121,8 @@ class Recorder:
             self.counts[record.outcome] += 1
         if record.outcome is Outcome.REJECTED:
             self.warn_once("rejected", record.thread_id, "emitguard rejected %s", record)
-        if self._window is not None and record.outcome in _DELIVERED and record.seq:
-            self._window.remember(record.thread_id, record.seq, record.message)
+        if self.window is not None and record.outcome in _DELIVERED and record.seq:
+            self.window.remember(record.thread_id, record.seq, record.message)
         if self._tel.active:
             self._tel.noted(record)
         if hooks.listening():
@@ -153,8 +152,8 @@ class Recorder:
         with self._lock:
             self.counts[Outcome.DELIVERED] += 1
             self.recorded_seqs += 1
-        if self._window is not None:
-            self._window.remember(thread_id, seq, message)
+        if self.window is not None:
+            self.window.remember(thread_id, seq, message)
         if self._tel.active:
             self._tel.noted(record)
         hooks.emitted(record, self._guard)

@@ -38,7 +38,7 @@ from emitguard._history import Replay
 from emitguard._loops import alive, running_loop
 from emitguard._recorder import Recorder
 from emitguard.calls import Call, Verdict, judge, judge_error
-from emitguard.options import GuardOptions
+from emitguard.options import GuardOptions, stamped
 from emitguard.records import Emission
 from emitguard.redis_outbox import RedisOutbox, Stored, worker_id
 from emitguard.states import Outcome
@@ -405,8 +405,7 @@ class Relay:
             )
         message = stored.message
         epoch = here.epoch or ""
-        if self._stamp is not None and isinstance(message, dict):
-            message = {**message, self._stamp: seq, "epoch": epoch}
+        message = stamped(self._stamp, message, seq, epoch)
         backoff = self._options.retry_backoff
         attempts = 0
         while True:
@@ -530,13 +529,11 @@ class Relay:
         its readers skip what they replayed)."""
         if thread_id not in self._here:
             self._replayed[thread_id] = (found.epoch, found.latest)
-        stamp = self._stamp
-        if stamp is None or not found.messages:
+        if self._stamp is None or not found.messages:
             return found
         epoch = found.epoch or ""
         messages = [
-            (seq, {**message, stamp: seq, "epoch": epoch} if isinstance(message, dict) else message)
-            for seq, message in found.messages
+            (seq, stamped(self._stamp, message, seq, epoch)) for seq, message in found.messages
         ]
         return dataclasses.replace(found, messages=messages)
 

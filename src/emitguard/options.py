@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Literal, cast
 
-__all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "VERDICTS", "GuardOptions"]
+__all__ = ["OVERFLOW_POLICIES", "UNREADY_POLICIES", "VERDICTS", "GuardOptions", "stamped"]
 
 OverflowPolicy = Literal["drop_oldest", "drop_newest", "reject"]
 UnreadyPolicy = Literal["wait", "buffer"]
@@ -145,6 +145,21 @@ class GuardOptions:
     def as_dict(self) -> dict[str, Any]:
         """The options as keyword arguments."""
         return dataclasses.asdict(self)
+
+
+def stamped(
+    stamp: str | Callable[[Any, int], Any] | None, message: Any, seq: int, epoch: str | None = None
+) -> Any:
+    """``message`` with its seq stamped in as option ``stamp_seq`` says: a copy of a dict with
+    ``seq`` under the key (and, from a shared log, ``epoch`` under ``"epoch"``), or what the
+    callable returns; anything else as it is."""
+    if isinstance(stamp, str):
+        if not isinstance(message, dict):
+            return message
+        return {**message, stamp: seq} if epoch is None else {**message, stamp: seq, "epoch": epoch}
+    if stamp is not None:
+        return stamp(message, seq)
+    return message
 
 
 def _number(name: str, value: object, *, allow_zero: bool) -> None:
