@@ -345,6 +345,8 @@ class Relay:
         failures = 0
         self._ensure_background()
         while True:
+            if not self._serving(here):
+                return
             try:
                 if self._pubsub is not None:
                     await self._pubsub.subscribe(shared.channel(thread_id))
@@ -360,7 +362,10 @@ class Relay:
         if replayed is not None and replayed[0] == here.epoch:
             here.cursor = max(here.cursor, replayed[1])
         failures = 0
-        while True:
+        # (checked on every round as well as cancelled: on Python 3.11, asyncio.wait_for loses
+        # a cancellation that comes as the event it waits for is set, and close() then waited
+        # for this task forever)
+        while self._serving(here):
             here.wake.clear()
             try:
                 epoch, rows = await shared.read(thread_id, here.cursor, _BATCH)
@@ -393,6 +398,10 @@ class Relay:
                 continue
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
                 await asyncio.wait_for(here.wake.wait(), self.poll)
+
+    def _serving(self, here: _Here) -> bool:
+        """Whether ``here`` still delivers: the relay is open and the thread still here."""
+        return not self.closed and self._here.get(here.thread_id) is here
 
     async def _hand(self, here: _Here, stored: Stored) -> bool:
         """Deliver one entry with retries; False when it is still not delivered."""
