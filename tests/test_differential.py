@@ -279,6 +279,9 @@ class DifferentialMachine(RuleBasedStateMachine):
         observed.listener.guard = observed.guard
         assert observed.g.telemetry_active, "the observed guard must record spans or metrics"
         assert not self.plain_side.g.telemetry_active
+        for side in self.sides:  # each guard's home is its virtual-clock loop from the start:
+            side.run(side.g.drain(0))  # a retry set from plain code runs on it, not on a timer
+            # thread of real time (which made two identical guards differ, run to run)
 
     def both(self, action: Callable[[Side], object], step: str) -> tuple[object, object]:
         """Apply ``action`` to each side, let each settle; return both results."""
