@@ -14,6 +14,10 @@
   session is live (checked in the manager's rooms and Engine.IO's sessions as the emit goes
   out); an emit into a room whose sockets are gone is kept, not counted as delivered.
 
+The synchronous ``socketio.Server`` (threading, eventlet or gevent) is guarded the same way,
+without the barrier (a synchronous send never waits: an emit to an empty room is buffered at
+once and flushed, in order, when someone enters the room) and without recovery.
+
 With ``recovery=True``, Socket.IO 4.6's connection state recovery, in its own protocol: the
 stock ``socket.io-client`` (v4.6+) recovers with no client code. The CONNECT answer carries a
 ``pid``; every recoverable emit carries an offset string as its last argument; a client that
@@ -27,8 +31,9 @@ not cover the gap, a fresh session and no replay at all. See ``_sio_recovery``;
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from emitguard import AdapterError, Guard
@@ -60,6 +65,8 @@ class SocketEvent:
     (0: not yet, or no recovery)."""
     offset: str = ""
     """The offset appended as its last argument (with recovery)."""
+    ignore_queue: bool = False
+    """Emitted with ``ignore_queue=True`` (past a message-queue client manager)."""
 
     @property
     def type(self) -> str:
@@ -101,6 +108,11 @@ class SocketIOGuard:
         self.sessions = Sessions(self, max_disconnection_duration)
         """Recovery's state: pids, offsets, sessions kept for their client's return."""
         self._patches: list[tuple[Any, str]] = []
+        self._send_call = guard.send_call
+        self.asynchronous = inspect.iscoroutinefunction(server.emit)
+        """An ``AsyncServer`` (``False``: the synchronous ``socketio.Server``)."""
+        self._original_emit: Callable[..., Awaitable[Any]] = server.emit
+        """The server's ``emit`` as it was before :meth:`patch` (what a guarded emit calls)."""
 
     def recovered(self, sid: str, namespace: str = "/") -> bool:
         """Whether the session ``sid`` was restored by its current connection (Socket.IO's
@@ -111,7 +123,8 @@ class SocketIOGuard:
 
     def patch(self) -> None:
         server, manager = self.server, self.server.manager
-        self._wrap(server, "emit", self._emit)
+        self._original_emit = server.emit
+        self._wrap(server, "emit", self._emit if self.asynchronous else self._emit_sync)
         self._wrap(manager, "basic_enter_room", self._entered)
         self._wrap(manager, "basic_leave_room", self._left)
         if self.recovery:
@@ -138,45 +151,80 @@ class SocketIOGuard:
 
     # ------------------------------------------------------------ emits
 
-    async def _emit(
-        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> None:
+    def _route(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, SocketEvent, str | None, tuple[Any, ...], dict[str, Any]]:
+        """An emit's thread (``None``: not one room, passed through unchanged, with an offset
+        under recovery), its :class:`SocketEvent`, event type, and the arguments to pass."""
         event, data, target, skip_sid, namespace, callback, ignore_queue = _emit_call(
             *args, **kwargs
         )
         namespace = namespace or "/"
-        kind = event if isinstance(event, str) else None
+        kind = event if event.__class__ is str else None
         message = SocketEvent(event, None if data is MISSING else data, namespace, target)
         if (
             target is None
             or skip_sid is not None
             or callback is not None
             or isinstance(target, (list, tuple, set))
-        ):  # not one room: passed through unchanged (with an offset, under recovery)
+        ):
             if self.recovery and callback is None:
                 args, kwargs = _with_offset(args, kwargs, self.sessions.next_offset())
-            await self.guard.send_call(None, message, wrapped, args, kwargs, _unchanged, kind)
-            return
-        extra = {"ignore_queue": ignore_queue} if ignore_queue else {}
-        live = self._live
-        number = self.sessions.number if self.recovery else None
+            return None, message, kind, args, kwargs
+        if ignore_queue:
+            message.ignore_queue = True
+        return (namespace, target), message, kind, args, kwargs
 
-        async def deliver(message: SocketEvent) -> bool:
-            if not live(namespace, target):
-                return False  # nobody there with a live session: kept, not delivered
-            if number is not None:
-                number(message)  # (no await before the write: offsets follow write order)
-            await wrapped(message.event, message.wire(), to=target, namespace=namespace, **extra)
-            return True
+    async def _emit(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        thread, message, kind, args, kwargs = self._route(args, kwargs)
+        if thread is None:
+            await self._send_call(None, message, wrapped, args, kwargs, _unchanged, kind)
+        else:  # (one bound method for every emit, not a closure per emit: this path is hot)
+            await self._send_call(
+                thread, message, self._deliver, (message,), {}, _message_only, kind
+            )
 
-        thread = (namespace, target)
-        await self.guard.send_call(thread, message, deliver, (message,), {}, _message_only, kind)
+    def _emit_sync(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """:meth:`_emit` for the synchronous ``socketio.Server``."""
+        thread, message, kind, args, kwargs = self._route(args, kwargs)
+        send = self.guard.send_sync_call
+        if thread is None:
+            send(None, message, wrapped, args, kwargs, _unchanged, kind)
+        else:
+            send(thread, message, self._deliver_sync, (message,), {}, _message_only, kind)
+
+    async def _deliver(self, message: SocketEvent) -> bool:
+        """Hand one guarded emit to python-socketio (``False``: nobody in its room has a live
+        session, so it is kept, not delivered)."""
+        namespace, room = message.namespace, message.room
+        if self.confirm and not self._live(namespace, room):
+            return False
+        if self.recovery:
+            self.sessions.number(message)  # (no await before the write: offsets follow it)
+        emit = self._original_emit
+        if message.ignore_queue:
+            await emit(
+                message.event, message.wire(), to=room, namespace=namespace, ignore_queue=True
+            )
+        else:
+            await emit(message.event, message.wire(), to=room, namespace=namespace)
+        return True
+
+    def _deliver_sync(self, message: SocketEvent) -> bool:
+        """:meth:`_deliver` for the synchronous ``socketio.Server`` (no recovery)."""
+        namespace, room = message.namespace, message.room
+        if self.confirm and not self._live(namespace, room):
+            return False
+        extra = {"ignore_queue": True} if message.ignore_queue else {}
+        self._original_emit(message.event, message.data, to=room, namespace=namespace, **extra)
+        return True
 
     def _live(self, namespace: str, room: Any) -> bool:
-        """Whether the room has a member whose Engine.IO session is live (always, without
-        ``confirm``)."""
-        if not self.confirm:
-            return True
+        """Whether the room has a member whose Engine.IO session is live."""
         server = self.server
         sockets = server.eio.sockets
         members = server.manager.rooms.get(namespace, {}).get(room)  # (sid -> eio sid)
@@ -349,7 +397,8 @@ def guard_server(
     confirm: bool = True,
     **options: Any,
 ) -> SocketIOGuard:
-    """Guard a python-socketio ``AsyncServer`` (see the module docstring); ``options`` go to
+    """Guard a python-socketio ``AsyncServer``, or a synchronous ``socketio.Server`` (then
+    without recovery), see the module docstring; ``options`` go to
     :class:`emitguard.Guard` (``history`` defaults to 1000 per room with ``recovery``).
 
     ``max_disconnection_duration`` and ``skip_connect_handler`` are Socket.IO's
@@ -360,10 +409,18 @@ def guard_server(
     with a message-queue client manager, whose members on other servers this process cannot
     see)."""
     if not hasattr(server, "manager") or not hasattr(server, "eio"):
-        raise AdapterError(f"guard_server() takes a python-socketio AsyncServer, got {server!r}")
+        raise AdapterError(
+            f"guard_server() takes a python-socketio AsyncServer or Server, got {server!r}"
+        )
     if not isinstance(max_disconnection_duration, (int, float)) or max_disconnection_duration <= 0:
         raise ValueError(
             f"max_disconnection_duration must be > 0 seconds, got {max_disconnection_duration!r}"
+        )
+    if recovery and not inspect.iscoroutinefunction(server.emit):
+        raise AdapterError(
+            "recovery=True needs a python-socketio AsyncServer; the synchronous socketio.Server "
+            "is guarded without it (emits wait for nobody, buffer while a room is empty, and "
+            "flush in order when someone enters it)"
         )
     if recovery:
         options.setdefault("history", 1000)

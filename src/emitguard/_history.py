@@ -70,7 +70,8 @@ class ReplayWindow:
             else:
                 self._threads.move_to_end(thread_id)
             kept.messages.append((seq, message))
-            kept.latest = max(kept.latest, seq)
+            if seq > kept.latest:
+                kept.latest = seq
             self._count += 1
             if len(kept.messages) > self.size:
                 self._drop_oldest(thread_id, kept)
