@@ -222,8 +222,12 @@ class GuardMachine(RuleBasedStateMachine):
 
     @rule()
     def drain(self) -> None:
+        in_flight = len(self.pending_tasks())
         left = self.run(self.g.drain(timeout=0.02))
-        assert left >= self.g.stats().pending_total  # stats() may expire more
+        # Afterwards stats() may have expired more; and a send still in flight when drain()
+        # returned may have buffered since (its barrier wait timed out in the same loop run,
+        # which a loaded machine makes likely): at most one event each.
+        assert self.g.stats().pending_total <= left + in_flight
 
     # -- checks -----------------------------------------------------------------------
 

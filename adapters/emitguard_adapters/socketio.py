@@ -67,6 +67,11 @@ class SocketEvent:
     """The offset appended as its last argument (with recovery)."""
     ignore_queue: bool = False
     """Emitted with ``ignore_queue=True`` (past a message-queue client manager)."""
+    passing: bool = False
+    """Names no one room (a broadcast, ``skip_sid``, a callback, a list of rooms): passed
+    through unchanged."""
+    acked: bool = False
+    """Emitted with a ``callback`` (an ack: never given an offset)."""
 
     @property
     def type(self) -> str:
@@ -151,51 +156,41 @@ class SocketIOGuard:
 
     # ------------------------------------------------------------ emits
 
-    def _route(
-        self, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> tuple[Any, SocketEvent, str | None, tuple[Any, ...], dict[str, Any]]:
-        """An emit's thread (``None``: not one room, passed through unchanged, with an offset
-        under recovery), its :class:`SocketEvent`, event type, and the arguments to pass."""
-        event, data, target, skip_sid, namespace, callback, ignore_queue = _emit_call(
-            *args, **kwargs
-        )
-        namespace = namespace or "/"
-        kind = event if event.__class__ is str else None
-        message = SocketEvent(event, None if data is MISSING else data, namespace, target)
-        if (
-            target is None
-            or skip_sid is not None
-            or callback is not None
-            or isinstance(target, (list, tuple, set))
-        ):
-            if self.recovery and callback is None:
-                args, kwargs = _with_offset(args, kwargs, self.sessions.next_offset())
-            return None, message, kind, args, kwargs
-        if ignore_queue:
-            message.ignore_queue = True
-        return (namespace, target), message, kind, args, kwargs
-
     async def _emit(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        thread, message, kind, args, kwargs = self._route(args, kwargs)
-        if thread is None:
+        message = _event(*args, **kwargs)
+        event = message.event
+        kind = event if event.__class__ is str else None
+        if message.passing:
+            args, kwargs = self._passed(message, args, kwargs)
             await self._send_call(None, message, wrapped, args, kwargs, _unchanged, kind)
         else:  # (one bound method for every emit, not a closure per emit: this path is hot)
-            await self._send_call(
-                thread, message, self._deliver, (message,), {}, _message_only, kind
-            )
+            thread = (message.namespace, message.room)
+            await self._send_call(thread, message, self._deliver, (message,), {}, _one, kind)
 
     def _emit_sync(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         """:meth:`_emit` for the synchronous ``socketio.Server``."""
-        thread, message, kind, args, kwargs = self._route(args, kwargs)
+        message = _event(*args, **kwargs)
+        kind = message.event if isinstance(message.event, str) else None
         send = self.guard.send_sync_call
-        if thread is None:
+        if message.passing:
+            args, kwargs = self._passed(message, args, kwargs)
             send(None, message, wrapped, args, kwargs, _unchanged, kind)
         else:
-            send(thread, message, self._deliver_sync, (message,), {}, _message_only, kind)
+            thread = (message.namespace, message.room)
+            send(thread, message, self._deliver_sync, (message,), {}, _one, kind)
+
+    def _passed(
+        self, message: SocketEvent, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of an emit passed through: unchanged, or with an offset appended
+        under recovery (none with a callback: an ack is not recoverable)."""
+        if self.recovery and not message.acked:
+            return _with_offset(args, kwargs, self.sessions.next_offset())
+        return args, kwargs
 
     async def _deliver(self, message: SocketEvent) -> bool:
         """Hand one guarded emit to python-socketio (``False``: nobody in its room has a live
@@ -205,13 +200,15 @@ class SocketIOGuard:
             return False
         if self.recovery:
             self.sessions.number(message)  # (no await before the write: offsets follow it)
-        emit = self._original_emit
+            data = message.wire()
+        else:
+            data = message.data
         if message.ignore_queue:
-            await emit(
-                message.event, message.wire(), to=room, namespace=namespace, ignore_queue=True
+            await self._original_emit(
+                message.event, data, to=room, namespace=namespace, ignore_queue=True
             )
         else:
-            await emit(message.event, message.wire(), to=room, namespace=namespace)
+            await self._original_emit(message.event, data, to=room, namespace=namespace)
         return True
 
     def _deliver_sync(self, message: SocketEvent) -> bool:
@@ -226,12 +223,15 @@ class SocketIOGuard:
     def _live(self, namespace: str, room: Any) -> bool:
         """Whether the room has a member whose Engine.IO session is live."""
         server = self.server
-        members = server.manager.rooms.get(namespace, {}).get(room)  # (sid <-> eio sid)
-        if not members:
+        members = server.manager.rooms.get(namespace, _NO_ROOMS).get(room)  # sid <-> eio sid
+        if members is None:
             return False
         sockets = server.eio.sockets
-        # The eio sids: a bidict's inverse iterates them at half the cost of .values().
-        for eio_sid in getattr(members, "inverse", None) or members.values():
+        try:  # the eio sids: a bidict's inverse iterates them at half the cost of .values()
+            eio_sids = members.inverse
+        except AttributeError:
+            eio_sids = members.values()
+        for eio_sid in eio_sids:
             socket = sockets.get(eio_sid)
             if socket is not None and not socket.closed:
                 return True
@@ -345,6 +345,9 @@ class SocketIOGuard:
 _CONNECT = 0
 """Socket.IO's CONNECT packet type."""
 
+_NO_ROOMS: dict[Any, Any] = {}
+"""A namespace with no rooms (read only)."""
+
 
 def _with_offset(
     args: tuple[Any, ...], kwargs: dict[str, Any], offset: str
@@ -357,9 +360,10 @@ def _with_offset(
     return args, {**kwargs, "data": (*_arguments(data), offset)}
 
 
-def _message_only(
+def _one(
     args: tuple[Any, ...], kwargs: dict[str, Any], message: Any
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Rebind a guarded emit's delivery (``_deliver(message)``) to another message."""
     return (message,), kwargs
 
 
@@ -369,7 +373,7 @@ def _unchanged(
     return args, kwargs
 
 
-def _emit_call(
+def _event(
     event: Any,
     data: Any = MISSING,
     to: Any = None,
@@ -379,10 +383,24 @@ def _emit_call(
     callback: Any = None,
     ignore_queue: bool = False,
     **_: Any,
-) -> tuple[Any, Any, Any, Any, str | None, Any, bool]:
-    """The arguments of ``AsyncServer.emit`` that the guard reads, bound as python-socketio
-    binds them (a call of this, not a dict: the emit path is hot)."""
-    return event, data, to if to is not None else room, skip_sid, namespace, callback, ignore_queue
+) -> SocketEvent:
+    """An ``emit`` call, bound as python-socketio binds its arguments, as the guard keeps it
+    (a call of this, not a dict: the emit path is hot)."""
+    target = to if to is not None else room
+    return SocketEvent(
+        event,
+        None if data is MISSING else data,
+        namespace or "/",
+        target,
+        ignore_queue=ignore_queue,
+        passing=(
+            target is None
+            or skip_sid is not None
+            or callback is not None
+            or isinstance(target, (list, tuple, set))
+        ),
+        acked=callback is not None,
+    )
 
 
 def _room_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str, Any]:

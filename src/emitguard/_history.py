@@ -64,19 +64,24 @@ class ReplayWindow:
     def remember(self, thread_id: Any, seq: int, message: Any) -> None:
         """Keep a delivered message."""
         with self._lock:
-            kept = self._threads.get(thread_id)
+            threads = self._threads
+            kept = threads.get(thread_id)
             if kept is None:
-                kept = self._threads[thread_id] = _Kept()
+                kept = threads[thread_id] = _Kept()
             else:
-                self._threads.move_to_end(thread_id)
-            kept.messages.append((seq, message))
+                threads.move_to_end(thread_id)
+            messages = kept.messages
+            if len(messages) < self.size:
+                self._count += 1
+            else:  # full: its oldest falls out (one in, one out)
+                gone = messages.popleft()[0]
+                if gone > kept.floor:
+                    kept.floor = gone
+            messages.append((seq, message))
             if seq > kept.latest:
                 kept.latest = seq
-            self._count += 1
-            if len(kept.messages) > self.size:
-                self._drop_oldest(thread_id, kept)
             while self._count > self.total:
-                oldest, victim = next(iter(self._threads.items()))
+                oldest, victim = next(iter(threads.items()))
                 self._drop_oldest(oldest, victim)
 
     def _drop_oldest(self, thread_id: Any, kept: _Kept) -> None:

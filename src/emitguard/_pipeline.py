@@ -89,6 +89,11 @@ class Pipeline:
         self.direct = True
         """A delivery needs the call, and at most a seq stamp and the replay window: no
         subscription, no shared log (the observed fast path may serve)."""
+        self.lean: dict[Any, ThreadSlot] = table.slots
+        """The threads an adapter's send (``send_call``) may deliver on the lean path: the
+        plain path and, if kept, the replay window; empty while a stamp, a listener,
+        telemetry, transport confirmation, a subscription or a shared log needs more, or the
+        guard is closed."""
         self.observed = False
         """Sends take the observed fast path: a listener, telemetry or transport confirmation
         wants to see them, or a stamp or the replay window, which the plain path skips."""
@@ -113,6 +118,8 @@ class Pipeline:
         self.observed = listening or instrumented or (self.direct and not self.plain)
         self.closed = closed
         self.fast = self._table.slots if self.plain and not self.observed and not closed else {}
+        lean = self.direct and self._stamp is None and not (listening or instrumented or closed)
+        self.lean = self._table.slots if lean else {}
 
     def delivered_fast(
         self, slot: ThreadSlot, seq: int, message: Any, created_at: float, kind: str | None

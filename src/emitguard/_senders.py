@@ -19,6 +19,7 @@ from emitguard._delivery import UNCONFIRMED
 from emitguard._ids import names_no_thread
 from emitguard._pipeline import CONNECTED, Pipeline
 from emitguard._recorder import thread_name
+from emitguard._slot import ThreadSlot
 from emitguard._table import ThreadTable
 from emitguard._telemetry import SEND
 from emitguard.calls import (
@@ -177,6 +178,19 @@ class Senders:
         A plain function returning the coroutine of the path it picks, not a coroutine of its
         own: one coroutine frame less on every send that is not on the plain fast path."""
         pipeline = self._pipeline
+        try:
+            slot = pipeline.lean.get(thread_id)  # empty unless the lean path may serve
+        except TypeError:  # unhashable: rejected on the general path
+            slot = None
+        if (
+            slot is not None
+            and slot.state is CONNECTED
+            and not slot.backlog
+            and message is not None
+            and message is not MISSING
+            and thread_id.__class__ is not bool  # True == 1: never thread 1's slot
+        ):
+            return self._lean(slot, message, fn, args, kwargs, rebind, kind)
         if pipeline.probe is not None:  # instrumented, no SDK found yet: look again
             pipeline.probe()
         if names_no_thread(thread_id) and not pipeline.closed:
@@ -205,6 +219,53 @@ class Senders:
             with pipeline.tel.sending(thread_name(thread_id), message, kind=kind):
                 return pipeline.send_sync(thread_id, message, call)
         return pipeline.send_sync(thread_id, message, call)
+
+    async def _lean(
+        self,
+        slot: ThreadSlot,
+        message: Any,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rebind: Rebind,
+        kind: str | None,
+    ) -> bool:
+        """:meth:`send_call`'s path to a CONNECTED thread with nothing queued while nothing
+        observes the sends: the plain path's work, the app's verdict on the result, and the
+        replay window. Counted from its seq, as on the plain path; any failure, a busy line or
+        a cancellation goes to the general code."""
+        pipeline = self._pipeline
+        try:
+            slot.line.pop()  # take the thread's line (atomic)
+        except IndexError:  # taken since we looked: wait in line on the general path
+            return await pipeline.send(
+                slot.thread_id, message, Call(fn, args, kwargs, rebind, kind)
+            )
+        seq = slot.seq + 1  # (written once the outcome is known: stats stay exact)
+        try:
+            result = await fn(*args, **kwargs)
+        except asyncio.CancelledError:
+            call = Call(fn, args, kwargs, rebind, kind)
+            await pipeline.failed_fast(
+                slot, seq, message, call, Verdict.RETRY, "cancelled", cancelled=True
+            )
+            raise
+        except Exception as exc:
+            verdict, why = judge_error(exc, pipeline.delivery.poison)
+            call = Call(fn, args, kwargs, rebind, kind)
+            return await pipeline.failed_fast(slot, seq, message, call, verdict, why)
+        accept = pipeline.delivery.accept
+        if (not result and result is not None) if accept is None else not accept(result):
+            call = Call(fn, args, kwargs, rebind, kind)
+            return await pipeline.failed_fast(slot, seq, message, call, *judge(result, accept))
+        slot.seq = seq
+        window = pipeline.window
+        if window is not None:  # kept before the line is released, as on the other paths
+            window.remember(slot.thread_id, seq, message)
+        slot.line.append(True)
+        if slot.tickets:
+            self._table.lines.recheck(slot)
+        return True
 
     async def _observed(
         self,
