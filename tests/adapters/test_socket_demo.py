@@ -195,3 +195,19 @@ def test_the_table_separates_seed_fixed_and_measured_figures(
     assert "delivery latency p50 (ms)" not in labels
     assert any(line.startswith("delivery latency p50 (ms)") for line in lines[measured:])
     assert any(line.startswith("Scenario: seed 5, 10 runs") for line in lines)
+
+
+def test_demo_html_writes_the_guarded_runs_timelines(tmp_path: Path) -> None:
+    path = tmp_path / "demo.html"
+    code = cli.main(
+        ["demo", "--runs", "6", "--drop-rate", "0.5", "--seed", "3", "--no-progress"]
+        + ["--html", str(path)]
+    )
+    assert code == 0
+    page = path.read_text(encoding="utf-8")
+    assert "guarded run (6 runs, seed 3, setup resume, network clock)" in page
+    assert "PASS: unguarded lost" in page
+    for index in range(6):
+        assert f"thread-{index}" in page
+    assert "flushed" in page  # the runs that dropped: buffered, then flushed
+    assert "<script" not in page and "http" not in page.replace("http-equiv", "")
