@@ -52,7 +52,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(
             f"emitguard demo needs starlette, uvicorn and websockets ({exc}); "
-            "pip install 'emitguard[demo]', or run `emitguard simulate`",
+            "pip install 'emitguard[demo]' (from a checkout, the wheel with the extra: "
+            "pip install 'dist/emitguard-<version>-py3-none-any.whl[demo]'), "
+            "or run `emitguard simulate`",
             file=sys.stderr,
         )
         return 2

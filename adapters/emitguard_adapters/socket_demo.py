@@ -2,9 +2,10 @@
 
 A Starlette app runs under uvicorn on 127.0.0.1 (a free port) with the report's legacy manager
 behind ``/ws``. Each run is one ``websockets`` client on its own thread: its first message
-starts the agent, whose events race the thread association (which the endpoint makes after
-the run's lag). In a share of the runs the client kills its connection mid-run (no close
-handshake) and reconnects, sending the last ``seq`` it saw. The same seeded plans
+starts the agent, whose first events go out before the thread association (which the endpoint
+makes after the run's lag). In a share of the runs the connection drops mid-run (the client
+kills it without a close handshake, at once or after it silently swallowed what arrived
+meanwhile) and the client reconnects, sending the last ``seq`` it kept. The same seeded plans
 (:func:`emitguard.demo.plan_runs`) are played on the bare manager and then on the manager
 guarded with two lines: ``emitguard.guard(manager, stamp_seq="seq", history=...)`` and
 ``EmitGuardMiddleware``; the guarded endpoint also replays what a reconnecting client missed
@@ -14,17 +15,21 @@ guarded with two lines: ``emitguard.guard(manager, stamp_seq="seq", history=...)
 plus ``EmitGuardMiddleware`` (``middleware``), or plus the resume step above (``resume``, the
 default).
 
-Unlike ``emitguard simulate`` this runs on the real clock and real sockets. The seeded plans
-(lags, gaps, which runs drop, when and for how long) are the same from run to run; which event
-beats which association, and what a killed connection swallowed, depend on the network and the
-loop's load, so the unguarded counts vary between two runs of one seed (README.md gives
-measured ranges), as do the guard's delivered/flushed split, latency, events per second,
-barrier waits and wall time.
+Unlike ``emitguard simulate`` this runs on the real clock and real sockets, but the order of
+each run's steps is fixed by its seeded plan (:mod:`emitguard_adapters._demo_script`): the
+server starts a run's agent, associates its thread, tells the client when to drop (a ``drop``
+frame) and when the run is over (an ``end`` frame), and every step waits for the steps the
+plan puts before it. Which threads run, which events each agent sends, which clients drop
+after which event and how (silently or noticed), and so every count of what the clients
+received, are the same on every run of a seed. Latency, events per second, barrier waits,
+wall time and the guarded manager's warnings (the guard's retry backoff runs on the real
+clock) vary (:data:`emitguard.demo.VARIES`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -52,6 +57,7 @@ from emitguard.demo import (
     scenario_result,
     tally,
 )
+from emitguard_adapters._demo_script import Script
 from emitguard_adapters.starlette import EmitGuardMiddleware, replay_to
 from emitguard_adapters.testing import LegacyWebSocketManager, serve
 
@@ -67,8 +73,14 @@ SETUPS: tuple[str, ...] = ("guard", "middleware", "resume")
 :func:`~emitguard_adapters.starlette.replay_to` with the client's last ``seq``)."""
 
 LEGACY_LOGGER = "emitguard.testing.legacy"
-IDLE = 1.0
-"""Seconds a client waits for more after the last message before it gives up on the run."""
+DROP, END, RESYNC = "drop", "end", "resync"
+"""The frames the demo's server sends a client besides events: drop the connection now,
+the run is over, and :func:`~emitguard_adapters.starlette.replay_to`'s own resync."""
+SETTLE, POLL = 5.0, 0.005
+"""Seconds the server waits for the guard to empty a thread's queue before it goes on, and
+how often it looks."""
+GIVE_UP = 30.0
+"""Seconds a client waits for a frame before it gives up on the run (a broken server)."""
 
 
 class _Server:
@@ -77,12 +89,12 @@ class _Server:
     def __init__(
         self,
         manager: LegacyWebSocketManager,
-        plans: dict[str, RunPlan],
+        scripts: dict[str, Script],
         guard: emitguard.Guard | None,
         setup: str = "resume",
     ) -> None:
         self.manager = manager
-        self.plans = plans
+        self.scripts = scripts
         self.guard = guard
         self.setup = setup
         self.agents: set[asyncio.Task[None]] = set()
@@ -96,74 +108,133 @@ class _Server:
     async def endpoint(self, websocket: WebSocket) -> None:
         await websocket.accept()
         hello = await websocket.receive_json()
-        plan = self.plans[hello["thread_id"]]
+        script = self.scripts[hello["thread_id"]]
+        plan = script.plan
+        resume = bool(hello.get("resume"))
         connection = self.manager.connect(websocket, plan.user_id)
+        steps = asyncio.create_task(self._steps(websocket, script, resume, hello.get("last_seq")))
         try:
-            if hello.get("resume"):
-                await self._reassociate(websocket, plan, hello.get("last_seq"))
-            else:
-                agent = asyncio.create_task(self._agent(plan))
-                self.agents.add(agent)
-                await asyncio.sleep(plan.associate_after)
-                self.manager.update_connection_thread(plan.user_id, plan.thread_id)
             while True:
                 await websocket.receive_text()
         except WebSocketDisconnect:
             pass
         finally:
             self.manager.disconnect(connection)
+            if not resume:
+                script.old_closed.set()
+            if not steps.done():
+                steps.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await steps
 
-    async def _reassociate(self, websocket: WebSocket, plan: RunPlan, last_seq: Any) -> None:
+    async def _steps(
+        self, websocket: WebSocket, script: Script, resume: bool, last_seq: Any
+    ) -> None:
+        """This connection's part of the run, each step after those the timeline puts first."""
+        plan, line = script.plan, script.timeline
+        if resume:
+            script.reconnected.set()
+            await self._reassociate(websocket, script, last_seq)
+            script.reassociated.set()
+        else:
+            agent = asyncio.create_task(self._agent(script))
+            self.agents.add(agent)
+            await asyncio.sleep(plan.associate_after)
+            await script.ready_to_associate()
+            self.manager.update_connection_thread(plan.user_id, plan.thread_id)
+            script.associated.set()
+            if plan.drop is not None:
+                await script.completed.reach(line.before_drop)
+                await self._settled(plan.thread_id)
+                await websocket.send_json({"type": DROP})  # the client drops after this frame
+                if line.silent:
+                    script.dropped.set()
+                return
+        await script.completed.reach(len(EVENTS))
+        await self._settled(plan.thread_id)
+        await websocket.send_json({"type": END})
+
+    async def _settled(self, thread_id: str) -> None:
+        """Wait until the guard has nothing left queued for the thread (bounded)."""
+        if self.guard is None:
+            return
+        for _ in range(int(SETTLE / POLL)):  # the guard has no per-thread drain to await
+            if not await self.guard.pending(thread_id):
+                return
+            await asyncio.sleep(POLL)
+
+    async def _reassociate(self, websocket: WebSocket, script: Script, last_seq: Any) -> None:
+        plan = script.plan
         drop = plan.drop
         wait = drop.reassociate_after if drop is not None else 0.0
+        await asyncio.sleep(wait)
+        await script.completed.reach(script.timeline.before_reassociation)
         if self.guard is None or self.setup != "resume":
-            await asyncio.sleep(wait)
             self.manager.update_connection_thread(plan.user_id, plan.thread_id)
             return
         seq = last_seq if isinstance(last_seq, int) and last_seq >= 0 else 0
         async with self.guard.hold(plan.thread_id):  # the guarded endpoint's one addition
             await replay_to(websocket, self.guard, plan.thread_id, seq)
-            await asyncio.sleep(wait)
             self.manager.update_connection_thread(plan.user_id, plan.thread_id)
 
-    async def _agent(self, plan: RunPlan) -> None:
+    async def _agent(self, script: Script) -> None:
+        plan = script.plan
         for number, event in enumerate(EVENTS, start=1):
             if number > 1:
                 await asyncio.sleep(plan.gaps[number - 2])
+            await script.before_event(number)
             message = {"type": event, "thread_id": plan.thread_id, "n": number, "t": time.time()}
-            await self.manager.send_to_thread(plan.thread_id, message)
+            send = asyncio.ensure_future(self.manager.send_to_thread(plan.thread_id, message))
+            await asyncio.sleep(0)  # the send has looked at the thread's connections
+            await script.handed.bump()
+            await send
+            await script.completed.bump()
 
 
 @dataclasses.dataclass
 class _Client:
     """What one client received, across its connections."""
 
-    plan: RunPlan
+    script: Script
     received: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     latencies: dict[Any, float] = dataclasses.field(default_factory=dict)
     last_receipt: float = 0.0
     """``time.perf_counter()`` of the last message."""
 
     async def run(self, address: str, key: str) -> None:
-        ws = await self._connect(address, {"thread_id": self.plan.thread_id})
-        drop = self.plan.drop
+        script = self.script
+        plan = script.plan
+        ws = await self._connect(address, {"thread_id": plan.thread_id})
+        drop = plan.drop
         try:
             if drop is not None:
-                await self._read(ws, key, until=drop.after_event, deadline=self._drop_deadline())
-                ws.transport.abort()  # killed: no close handshake
-                await asyncio.sleep(drop.reconnect_after)
-                last = max((m.get("seq", 0) for m in self.received), default=0)
-                hello = {"thread_id": self.plan.thread_id, "resume": True, "last_seq": last}
-                ws = await self._connect(address, hello)
-            await self._read(ws, key, until=len(EVENTS), deadline=None)
+                await self._read(ws, key, until=DROP)
+                ws = await self._reconnect(ws, address)
+            await self._read(ws, key, until=END)
         finally:
             await ws.close()
 
-    def _drop_deadline(self) -> float:
-        drop = self.plan.drop
+    async def _reconnect(self, ws: ClientConnection, address: str) -> ClientConnection:
+        """Drop the connection as the plan says, then come back on a new one."""
+        script = self.script
+        drop = script.plan.drop
         assert drop is not None
-        emitted_by = self.plan.associate_after + sum(self.plan.gaps[: drop.after_event - 1])
-        return time.monotonic() + emitted_by + 0.2
+        if script.timeline.silent:
+            swallow = asyncio.create_task(_swallow(ws))  # what arrives now is lost
+            await asyncio.sleep(drop.reconnect_after)
+            await script.completed.reach(script.timeline.before_reconnect)
+            ws.transport.abort()  # killed: no close handshake
+            await swallow
+            await script.old_closed.wait()
+        else:
+            ws.transport.abort()
+            await script.old_closed.wait()
+            script.dropped.set()
+            await asyncio.sleep(drop.reconnect_after)
+            await script.completed.reach(script.timeline.before_reconnect)
+        last = max((m.get("seq", 0) for m in self.received), default=0)
+        hello = {"thread_id": script.plan.thread_id, "resume": True, "last_seq": last}
+        return await self._connect(address, hello)
 
     @staticmethod
     async def _connect(address: str, hello: dict[str, Any]) -> ClientConnection:
@@ -171,24 +242,29 @@ class _Client:
         await ws.send(json.dumps(hello))
         return ws
 
-    async def _read(
-        self, ws: ClientConnection, key: str, *, until: int, deadline: float | None
-    ) -> None:
-        """Read until event number ``until`` arrived, or the deadline, or an idle second."""
+    async def _read(self, ws: ClientConnection, key: str, *, until: str) -> None:
+        """Keep what arrives until the server's ``until`` frame (or a quiet ``GIVE_UP``)."""
         while True:
-            timeout = IDLE if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                raw = await asyncio.wait_for(ws.recv(), timeout)
+                raw = await asyncio.wait_for(ws.recv(), GIVE_UP)
             except (asyncio.TimeoutError, TimeoutError, ConnectionClosed):
                 return
             message = json.loads(raw)
-            if message.get("type") == "resync":
+            kind = message.get("type")
+            if kind == until:
+                return
+            if kind in (RESYNC, DROP, END):
                 continue
             self.received.append(message)
             self.latencies.setdefault(message.get(key), time.time() - message["t"])
             self.last_receipt = time.perf_counter()
-            if message["n"] >= until:
-                return
+
+
+async def _swallow(ws: ClientConnection) -> None:
+    """Read and forget until the connection dies."""
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
 
 
 async def _scenario(
@@ -203,8 +279,9 @@ async def _scenario(
     listener = BarrierWaits(guard) if guard is not None else None
     if listener is not None:
         emitguard.register(listener)
-    server = _Server(manager, {plan.thread_id: plan for plan in plans}, guard, setup)
-    clients = [_Client(plan) for plan in plans]
+    scripts = {plan.thread_id: Script(plan, gated=guard is not None) for plan in plans}
+    server = _Server(manager, scripts, guard, setup)
+    clients = [_Client(script) for script in scripts.values()]
     key = "seq" if guard is not None else "n"
     done = 0
 
@@ -253,7 +330,7 @@ def _result(
     still: int | None,
     outcomes: Any,
 ) -> ScenarioResult:
-    got = tally({c.plan.thread_id: c.received for c in clients}, key)
+    got = tally({c.script.plan.thread_id: c.received for c in clients}, key)
     latencies = [value for c in clients for value in c.latencies.values()]
     repeated = 0
     for client in clients:

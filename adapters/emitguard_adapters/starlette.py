@@ -135,17 +135,35 @@ class EmitGuardMiddleware:
             log.debug("emitguard: %r closed; threads disconnected: %s", connection, gone)
 
 
-async def replay_to(websocket: WebSocket, guard: Guard, thread_id: str, last_seq: int) -> bool:
+async def replay_to(
+    websocket: WebSocket,
+    guard: Guard,
+    thread_id: str,
+    last_seq: int,
+    *,
+    wire: Callable[[Any], Any] | None = None,
+) -> bool:
     """Send a reconnecting client, in order, what it missed of the thread since ``last_seq``
     (from the guard's replay window), or a ``resync`` message when the window no longer holds
     it; True when it got everything. Call it inside ``guard.hold(thread_id)`` and associate
     the connection before leaving, so that no event slips between replay and live (for a
     legacy manager, whose own sends write under the thread's line too; :class:`ThreadHub`
-    replays through each connection's writer instead)."""
+    replays through each connection's writer instead).
+
+    The window holds the messages as they were handed to the guarded send, and each is sent
+    with ``websocket.send_json``. When the manager's send wraps a message before it writes it
+    (``{"event": ..., "data": ...}``), give the same wrapping as ``wire``: every replayed
+    message, the ``resync`` one included, goes out as ``wire(message)``, so a client reads
+    replayed and live events alike."""
+    encode = wire if wire is not None else _as_is
     replay = guard.replay(thread_id, after=last_seq)
     if not replay.complete:
-        await websocket.send_json(resync_message(thread_id, last_seq, replay))
+        await websocket.send_json(encode(resync_message(thread_id, last_seq, replay)))
         return False
     for _, message in replay.messages:
-        await websocket.send_json(message)
+        await websocket.send_json(encode(message))
     return True
+
+
+def _as_is(message: Any) -> Any:
+    return message

@@ -24,7 +24,13 @@ class DemoReport(Protocol):
     @property
     def setup(self) -> str: ...
 
-__all__ = ["ProgressBar", "notes", "render_table", "table_rows", "verdict"]
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def scenario_digest(self) -> str: ...
+
+__all__ = ["VARIES", "ProgressBar", "notes", "render_table", "table_rows", "verdict"]
 
 
 def _count(value: int | None) -> str:
@@ -38,15 +44,44 @@ def _millis(value: float | None) -> str:
 TERMINAL: tuple[Outcome, ...] = tuple(outcome for outcome in Outcome if outcome.terminal)
 
 
+VARIES: dict[str, dict[str, tuple[str, ...]]] = {
+    "virtual": {
+        "unguarded": ("wall_time",),
+        "guarded": ("wall_time", "barrier_wait_p50", "barrier_wait_p99"),
+    },
+    "network": {
+        "unguarded": ("wall_time", "latency_p50", "latency_p99", "events_per_s"),
+        "guarded": (
+            "wall_time",
+            "latency_p50",
+            "latency_p99",
+            "events_per_s",
+            "barrier_wait_p50",
+            "barrier_wait_p99",
+            "legacy_warnings",
+        ),
+    },
+}
+"""Per clock, the fields of each side that depend on timing and vary between two runs of one
+seed; every other field is fixed by the seed (``tests`` run each demo twice to check it)."""
+
+
 def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
-    """The rows of the comparison table: ``(metric, unguarded, guarded)``.
+    """The rows of the comparison table: ``(metric, unguarded, guarded)``, in two parts with a
+    heading row each: what the seed fixes, then what varies with timing (and the network).
 
     The guard's outcome rows are terminal outcomes, one per event: with what is still
     buffered they add up to the events emitted. ``BUFFERED`` is the path some events took
     on the way to one of them, shown apart and not added in.
     """
     bare, safe = report.unguarded, report.guarded
-    rows: list[tuple[str, str, str]] = [
+    network = report.clock == "network"
+    warnings = (
+        "legacy 'Cannot deliver' warnings",
+        str(bare.legacy_warnings),
+        str(safe.legacy_warnings),
+    )
+    fixed: list[tuple[str, str, str]] = [
         ("runs (one thread each)", str(bare.runs), str(safe.runs)),
         ("runs with a dropped connection", str(bare.drops), str(safe.drops)),
         ("events emitted", str(bare.emitted), str(safe.emitted)),
@@ -55,12 +90,13 @@ def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
         ("events out of order", str(bare.out_of_order), str(safe.out_of_order)),
         ("extra copies, same seq (client drops)", str(bare.duplicates), str(safe.duplicates)),
         ("events re-sent under a new seq", str(bare.repeated), str(safe.repeated)),
-        ("legacy 'Cannot deliver' warnings", str(bare.legacy_warnings), str(safe.legacy_warnings)),
     ]
+    if not network:
+        fixed.append(warnings)
     outcomes = safe.outcomes or {}
     terminal = [(outcome.value, outcomes.get(outcome.value, 0)) for outcome in TERMINAL]
-    rows += [(f"guard outcome: {name}", "n/a", str(count)) for name, count in terminal]
-    rows += [
+    fixed += [(f"guard outcome: {name}", "n/a", str(count)) for name, count in terminal]
+    fixed += [
         ("still buffered after drain", "n/a", _count(safe.still_buffered)),
         (
             "  total (= events emitted)",
@@ -69,11 +105,16 @@ def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
         ),
         ("path: waited in the buffer", "n/a", str(outcomes.get(Outcome.BUFFERED.value, 0))),
         ("path: held at the barrier", "n/a", _count(safe.held)),
+    ]
+    measured: list[tuple[str, str, str]] = []
+    if network:
+        measured.append(warnings)
+    measured += [
         ("barrier wait p50 (ms)", "n/a", _millis(safe.barrier_wait_p50)),
         ("barrier wait p99 (ms)", "n/a", _millis(safe.barrier_wait_p99)),
     ]
     if safe.latency_p50 is not None or bare.latency_p50 is not None:
-        rows += [
+        measured += [
             (
                 "latency covers (events that arrived)",
                 f"{bare.delivered}/{bare.emitted}",
@@ -83,14 +124,23 @@ def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
             ("delivery latency p99 (ms)", _millis(bare.latency_p99), _millis(safe.latency_p99)),
             ("events delivered per second", _rate(bare.events_per_s), _rate(safe.events_per_s)),
         ]
-    rows.append(("wall time (s)", f"{bare.wall_time:.2f}", f"{safe.wall_time:.2f}"))
-    return rows
+    measured.append(("wall time (s)", f"{bare.wall_time:.2f}", f"{safe.wall_time:.2f}"))
+    where = "timing and the network" if network else "timing"
+    return [
+        (f"[fixed by the seed: the same on every run of seed {report.config.seed}]", "", ""),
+        *fixed,
+        (f"[measured: these vary from run to run with {where}]", "", ""),
+        *measured,
+    ]
 
 
 def notes(report: DemoReport) -> list[str]:
     """What the table's numbers cover, and which of them vary between two runs of one seed."""
     bare, safe = report.unguarded, report.guarded
+    config = report.config
     lines = [
+        f"Scenario: seed {config.seed}, {bare.runs} runs, {bare.drops} with a dropped "
+        f"connection; plans {report.scenario_digest} (equal digests, equal scenarios).",
         "Outcomes: one terminal outcome per event; 'waited in the buffer' and 'held at the "
         "barrier' are paths some events took on the way, not added to the total.",
     ]
@@ -100,12 +150,14 @@ def notes(report: DemoReport) -> list[str]:
             f"events that arrived: unguarded {bare.delivered} of {bare.emitted} (the "
             f"{bare.lost} it lost, mostly the early ones, are not in its figures); guarded "
             f"{safe.delivered} of {safe.emitted}, including the waits for the association.",
-            f"Same seed, same plans (setup: {report.setup}): the lags, gaps and drops are "
-            f"seeded, but on real sockets which event beats which association depends on the "
-            f"network and the machine's load, so the unguarded counts vary from run to run, as do "
-            f"the guard's delivered/flushed split, latency, events per second, barrier waits "
-            f"and wall time. The guarded run's lost, out-of-order and re-sent counts do not "
-            f"vary: they are 0 or the demo fails.",
+            f"Same seed, same scenario (setup: {report.setup}): the seed fixes which threads "
+            f"run, which events each agent sends, which clients drop after which event, "
+            f"silently or noticed, and the order of every step; each step waits for those its "
+            f"plan puts first, so what the clients receive and what the bare app loses are the "
+            f"same on every run. Latency, events per second, barrier waits and wall time "
+            f"depend on the machine and the network and vary from run to run, as do the "
+            f"guarded manager's warnings (the guard retries a failed send with a backoff in "
+            f"real time).",
         ]
     else:
         lines.append(
@@ -119,13 +171,21 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def _heading(row: tuple[str, str, str]) -> bool:
+    """A part's heading row: its text in the first cell, the others empty."""
+    return row[1] == row[2] == ""
+
+
 def render_table(report: DemoReport) -> str:
     """The side-by-side table as plain text."""
     header = ("metric", "unguarded", "guarded")
     rows = table_rows(report)
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(3)]
+    cells = [header, *(row for row in rows if not _heading(row))]
+    widths = [max(len(row[column]) for row in cells) for column in range(3)]
 
     def line(row: tuple[str, str, str]) -> str:
+        if _heading(row):
+            return row[0]
         return f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]:>{widths[2]}}".rstrip()
 
     rule = ("-" * widths[0], "-" * widths[1], "-" * widths[2])

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -36,7 +37,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import emitguard
-from emitguard._demo_output import ProgressBar, notes, render_table, table_rows, verdict
+from emitguard._demo_output import (
+    VARIES,
+    ProgressBar,
+    notes,
+    render_table,
+    table_rows,
+    verdict,
+)
 from emitguard._virtual_loop import VirtualClockLoop, close_loop, resync
 from emitguard.records import Emission
 from emitguard.states import Outcome
@@ -44,6 +52,7 @@ from emitguard.testing import FakeSocket, ReferenceManager
 
 __all__ = [
     "EVENTS",
+    "VARIES",
     "BarrierWaits",
     "DemoConfig",
     "DemoReport",
@@ -63,6 +72,7 @@ __all__ = [
     "run_guarded",
     "run_scenarios",
     "run_unguarded",
+    "scenario_digest",
     "scenario_result",
     "simulate_run",
     "table_rows",
@@ -162,6 +172,13 @@ def plan_runs(config: DemoConfig) -> list[RunPlan]:
     """
     rng = random.Random(config.seed)
     return [_plan_one(rng, index, config) for index in range(config.runs)]
+
+
+def scenario_digest(plans: Sequence[RunPlan]) -> str:
+    """A short fingerprint of the plans: equal for equal seeds and options, so two reports
+    with one digest played the same scenario."""
+    text = "\n".join(repr(plan) for plan in plans)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _plan_one(rng: random.Random, index: int, config: DemoConfig) -> RunPlan:
@@ -339,10 +356,18 @@ class DemoReport:
         """The guarded run lost nothing and reordered nothing."""
         return self.guarded.ok
 
+    @property
+    def scenario_digest(self) -> str:
+        """A fingerprint of the seeded plans (:func:`scenario_digest`)."""
+        return scenario_digest(plan_runs(self.config))
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
+        """A JSON-ready dict; ``varies`` names, per side, the fields that depend on timing
+        (every other number is fixed by the seed)."""
         return {
             "config": dataclasses.asdict(self.config),
+            "scenario": self.scenario_digest,
+            "varies": {side: list(fields) for side, fields in VARIES[self.clock].items()},
             "unguarded": dataclasses.asdict(self.unguarded),
             "guarded": dataclasses.asdict(self.guarded),
             "setup": self.setup,
