@@ -142,15 +142,19 @@ def bound_socket(host: str = "127.0.0.1") -> socket.socket:
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
+async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on 127.0.0.1 in the running loop; yields ``host:port``.
 
     The socket is bound first and handed to uvicorn (``Server.serve(sockets=[...])``), and the
-    address is the one it is bound to: parallel tests cannot race for a port.
+    address is the one it is bound to: parallel tests cannot race for a port. ``options`` go
+    to ``uvicorn.Config`` (``ws_ping_interval=None`` for a test whose clients stop reading for
+    longer than uvicorn's keepalive allows: it would close them with 1011).
     """
     sock = bound_socket()
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, log_level="warning", lifespan="off")
+    options.setdefault("log_level", "warning")
+    options.setdefault("lifespan", "off")
+    config = uvicorn.Config(app, **options)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
