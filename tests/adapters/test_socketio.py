@@ -92,8 +92,10 @@ async def test_shapes_thirty_conversations_every_third_client_dropping(shape: st
     )
     assert guarded_lost == 0
     assert unguarded_lost > 0
-    # No connect handler waits on a barrier (ready_timeout is 2 s); typical is a few ms, and
-    # the bound leaves room for a worker descheduled by a parallel test (Node, subprocesses).
+    # No connect handler waits on a barrier (ready_timeout is 2 s): 9 in 10 take under the
+    # issue's 50 ms (typically a few ms), and the bound on the slowest leaves room for a
+    # worker descheduled by a parallel test (Node, subprocesses).
+    assert sorted(connects)[len(connects) * 9 // 10] < 0.05
     assert max(connects) < 0.25
 
 
