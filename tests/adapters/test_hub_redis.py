@@ -5,6 +5,7 @@ real uvicorn workers (processes, and servers in the test's loop), real websocket
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from conftest import eventually
 from emitguard_adapters.fallback import emitguard_routes
 from emitguard_adapters.starlette import ThreadHub, allow_any
 from emitguard_adapters.testing import serve
@@ -197,12 +199,10 @@ async def test_lost_history_is_a_resync_in_the_new_epoch(redis_server: RedisServ
                 assert await hub_b.send("t1", {"type": "agent_update", "n": 3})
                 assert (await _recv(socket))["seq"] == 4
 
-            # the thread's history is lost (its keys gone, as after a Redis restarted with no
-            # persistence: tests/test_redis_processes.py restarts one): a new epoch
-            import redis
-
-            with redis.Redis.from_url(redis_server.url) as client:
-                client.delete("emitguard:{t1}:stream", "emitguard:{t1}:meta")
+            # the thread's history is lost (Redis killed and restarted with no persistence):
+            # the next send makes a new epoch
+            redis_server.kill()
+            redis_server.start(appendfsync=None)
             assert await hub_a.send("t1", {"type": "agent_update", "n": 4})
             async with connect(f"ws://{base_b}/ws") as socket:
                 hello = {"thread_id": "t1", "last_seq": 4, "epoch": epoch}
@@ -244,3 +244,92 @@ async def _first_event(response: httpx.Response) -> tuple[str, str | None]:
         if line and not line.startswith(":"):
             name, _, value = line.partition(":")
             fields[name] = value.strip()
+
+
+# ------------------------------------------- Redis itself killed and restarted, end to end
+
+
+class _Live:
+    """One websocket client of a thread that reads until cancelled: the first connection to
+    ``bases[0]``, each one after the server closed it to the next of ``bases`` (the last one
+    again and again), resuming with its cursor."""
+
+    def __init__(self, thread_id: str) -> None:
+        self.reader = Reader(thread_id)
+        self.closed = 0
+
+    async def run(self, *bases: str) -> None:
+        for attempt in itertools.count():
+            base = bases[min(attempt, len(bases) - 1)]
+            with contextlib_suppress_closed():
+                async with connect(f"ws://{base}/ws") as socket:
+                    await socket.send(json.dumps(self.reader.hello()))
+                    async for raw in socket:
+                        self.reader.take(json.loads(raw))
+            self.closed += 1
+            await asyncio.sleep(0.05)
+
+
+async def test_redis_killed_and_restarted_end_to_end(redis_server: RedisServer) -> None:
+    # The agent emits in hub A, the client reads on hub B. Redis is killed -9 mid-run and
+    # restarted from its AOF (appendfsync always): every acknowledged event reaches the client
+    # once, in order, in the same epoch, on the same socket. Then Redis is killed and
+    # restarted with no persistence: the next send makes a new epoch, B closes the socket (a
+    # delivery of another epoch), and the client, resuming on A with its old cursor, is told
+    # to resync, then reads on: never a silent gap.
+    hub_a, app_a = await _hub_server(redis_server.url)
+    hub_b, app_b = await _hub_server(redis_server.url)
+    count = max(int(60 * SCALE), 20)
+    client = _Live("t1")
+    got = client.reader.got
+    acked: list[int] = []
+
+    async def agent(numbers: range) -> None:
+        for n in numbers:
+            if await hub_a.send("t1", {"type": "agent_update", "n": n}):
+                acked.append(n)
+            await asyncio.sleep(0.01)
+
+    reading: asyncio.Task[None] | None = None
+    try:
+        async with serve(app_a) as base_a, serve(app_b) as base_b:
+            reading = asyncio.create_task(client.run(base_b, base_a))
+            await eventually(lambda: hub_b.connections("t1") == 1)
+            emitting = asyncio.create_task(agent(range(count)))
+            await eventually(lambda: len(got) >= count // 3)
+            redis_server.kill()
+            await asyncio.sleep(0.5)  # sends meanwhile wait in A's local buffer, in order
+            redis_server.start()  # from the AOF
+            await asyncio.wait_for(emitting, 30)
+            await eventually(lambda: len(got) >= count, 30)
+            await asyncio.sleep(0.3)  # anything delivered twice would arrive now
+            assert acked == list(range(count))
+            assert [m["seq"] for m in got] == list(range(1, count + 1))
+            assert [m["n"] for m in got] == list(range(count))
+            assert len({m["epoch"] for m in got}) == 1
+            assert (client.reader.resyncs, client.closed) == ([], 0)
+            epoch = got[0]["epoch"]
+
+            redis_server.kill()
+            redis_server.start(appendfsync=None)  # the logs are gone: a new epoch
+            await agent(range(count, count + 3))
+            await eventually(lambda: client.reader.resyncs != [], 10)
+            resync = client.reader.resyncs[0]
+            assert (resync["type"], resync["recovered"]) == ("resync", False)
+            assert resync["last_seq"] == count
+            assert resync["epoch"] not in (None, epoch)
+            assert client.closed == 1  # B closed the socket that met the new epoch
+            await agent(range(count + 3, count + 5))
+            await eventually(lambda: got[-1]["n"] == count + 4, 10)
+            await asyncio.sleep(0.3)
+            after, latest = got[count:], resync["latest_seq"]
+            assert {m["epoch"] for m in after} == {resync["epoch"]}
+            assert [m["seq"] for m in after] == list(range(latest + 1, 6))
+            assert [m["n"] for m in after] == list(range(count + latest, count + 5))
+            assert (len(client.reader.resyncs), client.closed) == (1, 1)
+    finally:
+        if reading is not None:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+        await hub_a.guard.aclose()
+        await hub_b.guard.aclose()
