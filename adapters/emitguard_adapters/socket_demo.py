@@ -127,11 +127,16 @@ class _Server:
             self.manager.update_connection_thread(plan.user_id, plan.thread_id)
 
     async def _agent(self, plan: RunPlan) -> None:
-        for number, event in enumerate(EVENTS, start=1):
-            if number > 1:
-                await asyncio.sleep(plan.gaps[number - 2])
-            message = {"type": event, "thread_id": plan.thread_id, "n": number, "t": time.time()}
-            await self.manager.send_to_thread(plan.thread_id, message)
+        await run_agent(self.manager, plan)
+
+
+async def run_agent(manager: LegacyWebSocketManager, plan: RunPlan) -> None:
+    """The run's agent: its events, with the plan's pauses, through the manager's send."""
+    for number, event in enumerate(EVENTS, start=1):
+        if number > 1:
+            await asyncio.sleep(plan.gaps[number - 2])
+        message = {"type": event, "thread_id": plan.thread_id, "n": number, "t": time.time()}
+        await manager.send_to_thread(plan.thread_id, message)
 
 
 @dataclasses.dataclass
@@ -144,8 +149,21 @@ class _Client:
     last_receipt: float = 0.0
     """``time.perf_counter()`` of the last message."""
 
-    async def run(self, address: str, key: str) -> None:
+    async def run(
+        self,
+        address: str,
+        key: str,
+        *,
+        agent_at: str | None = None,
+        reconnect_to: str | None = None,
+    ) -> None:
+        """Connect to ``address`` (which starts the run's agent there, unless ``agent_at``
+        names the server to start it on), read, and after a planned drop reconnect (to
+        ``reconnect_to``, else ``address``) with the last ``seq`` (and ``epoch``) seen."""
         ws = await self._connect(address, {"thread_id": self.plan.thread_id})
+        if agent_at is not None:
+            starter = await self._connect(agent_at, {"agent": self.plan.thread_id})
+            await starter.close()
         drop = self.plan.drop
         try:
             if drop is not None:
@@ -154,7 +172,10 @@ class _Client:
                 await asyncio.sleep(drop.reconnect_after)
                 last = max((m.get("seq", 0) for m in self.received), default=0)
                 hello = {"thread_id": self.plan.thread_id, "resume": True, "last_seq": last}
-                ws = await self._connect(address, hello)
+                epochs = [m["epoch"] for m in self.received if "epoch" in m]
+                if epochs:  # a shared log (Redis): the cursor is (epoch, seq)
+                    hello["epoch"] = epochs[-1]
+                ws = await self._connect(reconnect_to or address, hello)
             await self._read(ws, key, until=len(EVENTS), deadline=None)
         finally:
             await ws.close()

@@ -56,6 +56,8 @@ True when one took it."""
 _BATCH = 100
 _LISTEN = 0.1
 """Seconds the listener waits for a notice before it looks at what it should follow."""
+_UNFOLLOWED = 0.01
+"""Seconds between reads of a thread's log before the listener follows its notices."""
 
 
 class _Item:
@@ -400,8 +402,10 @@ class Relay:
                     await shared.advance(thread_id, here.epoch, here.cursor)
             if len(rows) == _BATCH and here.cursor > start:
                 continue
+            # until the listener follows the thread's notices, read the log every few ms
+            followed = shared.channel(thread_id) in self._following
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                await asyncio.wait_for(here.wake.wait(), self.poll)
+                await asyncio.wait_for(here.wake.wait(), self.poll if followed else _UNFOLLOWED)
 
     def _serving(self, here: _Here) -> bool:
         """Whether ``here`` still delivers: the relay is open and the thread still here."""
