@@ -147,6 +147,14 @@ async def test_a_client_whose_worker_is_killed_resumes_on_another_with_every_eve
         )
         await asyncio.sleep(0.3)  # anything delivered twice would arrive now
         emitted = (await http.get("/emitted")).json()
+        # the cursor a client held when B died resumes on C with recovered: true (polling)
+        resumed = readers[threads[0]]
+        epoch, after = resumed.got[0]["epoch"], count // 3
+        async with httpx.AsyncClient(base_url=second.http) as poll:
+            page = (await poll.get(f"/emitguard/threads/t0/messages?after={epoch}:{after}")).json()
+        assert (page["type"], page["recovered"], page["epoch"]) == ("page", True, epoch)
+        seqs = [m["seq"] for m in page["messages"]]  # a page (of at most 100), from after + 1
+        assert seqs == list(range(after + 1, min(after + 100, count) + 1))
     for thread_id, reader in readers.items():
         assert emitted[thread_id] == count  # every send was acknowledged by the log
         assert reader.resyncs == []
@@ -331,5 +339,52 @@ async def test_redis_killed_and_restarted_end_to_end(redis_server: RedisServer) 
         if reading is not None:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+        await hub_a.guard.aclose()
+        await hub_b.guard.aclose()
+
+
+async def test_a_client_away_longer_than_the_window_is_told_to_resync(
+    redis_server: RedisServer,
+) -> None:
+    # The window is the thread's stream (maxlen 5 here). A client that saw seq 2 and comes back
+    # after 10 more events, on another worker, gets recovered: false and a resync (websocket
+    # and polling), then reads on live; one away for less than the window gets the rest.
+    url = f"{redis_server.url}?maxlen=5"
+    hub_a, app_a = await _hub_server(url)
+    hub_b, app_b = await _hub_server(url)
+    try:
+        async with serve(app_a) as base_a, serve(app_b) as base_b:
+            async with connect(f"ws://{base_b}/ws") as socket:
+                await socket.send(json.dumps({"thread_id": "w", "last_seq": None}))
+                await eventually(lambda: hub_b.connections("w") == 1)
+                for n in range(2):
+                    assert await hub_a.send("w", {"type": "agent_update", "n": n})
+                seen = [await _recv(socket) for _ in range(2)]
+            epoch = seen[-1]["epoch"]
+            for n in range(2, 12):  # the client is away: seq 3..12, the window keeps 8..12
+                assert await hub_a.send("w", {"type": "agent_update", "n": n})
+            async with connect(f"ws://{base_a}/ws") as socket:
+                await socket.send(json.dumps({"thread_id": "w", "last_seq": 2, "epoch": epoch}))
+                resync = await _recv(socket)
+                assert resync == {
+                    "type": "resync",
+                    "thread_id": "w",
+                    "last_seq": 2,
+                    "latest_seq": 12,
+                    "recovered": False,
+                    "epoch": epoch,  # the same epoch: the window, not the history, ran out
+                }
+                await eventually(lambda: hub_a.connections("w") == 1)
+                assert await hub_b.send("w", {"type": "agent_update", "n": 12})
+                live = await _recv(socket)
+                assert (live["seq"], live["n"], live["epoch"]) == (13, 12, epoch)
+            async with httpx.AsyncClient(base_url=f"http://{base_b}", timeout=5) as http:
+                page = (await http.get(f"/emitguard/threads/w/messages?after={epoch}:2")).json()
+                told = (page["type"], page["recovered"], page["latest_seq"])
+                assert told == ("resync", False, 13)
+                page = (await http.get(f"/emitguard/threads/w/messages?after={epoch}:8")).json()
+                assert (page["type"], page["recovered"]) == ("page", True)
+                assert [m["seq"] for m in page["messages"]] == [9, 10, 11, 12, 13]
+    finally:
         await hub_a.guard.aclose()
         await hub_b.guard.aclose()
