@@ -5,8 +5,10 @@ real uvicorn workers (processes, and servers in the test's loop), real websocket
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -162,6 +164,60 @@ async def test_a_client_whose_worker_is_killed_resumes_on_another_with_every_eve
         assert [m["seq"] for m in reader.got] == list(range(1, count + 1)), thread_id
         assert [m["n"] for m in reader.got] == list(range(count)), thread_id
         assert len({m["epoch"] for m in reader.got}) == 1
+
+
+async def test_sends_in_random_workers_reach_each_client_on_another_once_in_order(
+    workers: Any,
+) -> None:
+    # 4 worker processes; 100 threads, each with a websocket client on worker i % 4; each of
+    # its 100 events is emitted in a random other worker. Every client gets seq 1..100 once,
+    # in order, each event once, and each sender's events in the order it sent them.
+    pool = workers(4)
+    threads = max(int(100 * SCALE), 8)
+    events = max(int(100 * SCALE), 10)
+    rng = random.Random(14)
+    home = {f"t{i}": i % len(pool) for i in range(threads)}
+    readers = {thread_id: Reader(thread_id) for thread_id in home}
+    sockets = {t: await connect(pool[h].ws) for t, h in home.items()}
+    try:
+        for thread_id, socket in sockets.items():
+            await socket.send(json.dumps(readers[thread_id].hello()))
+        await asyncio.sleep(0.5)  # attached (the log would keep what comes before anyway)
+        batches: list[list[tuple[str, int]]] = [[] for _ in pool]
+        sender: dict[tuple[str, int], int] = {}
+        for n in range(events):
+            for thread_id, h in home.items():
+                other = rng.choice([i for i in range(len(pool)) if i != h])
+                batches[other].append((thread_id, n))
+                sender[thread_id, n] = other
+
+        async def read(thread_id: str) -> None:
+            reader, socket = readers[thread_id], sockets[thread_id]
+            while len(reader.got) < events:
+                reader.take(json.loads(await asyncio.wait_for(socket.recv(), 30)))
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                reader.take(json.loads(await asyncio.wait_for(socket.recv(), 0.3)))
+
+        reading = asyncio.gather(*(read(t) for t in home))
+        async with httpx.AsyncClient(timeout=120) as http:
+            answers = await asyncio.gather(
+                *(
+                    http.post(f"{worker.http}/emit-items", json={"items": items})
+                    for worker, items in zip(pool, batches, strict=True)
+                )
+            )
+        assert sum(answer.json()["acked"] for answer in answers) == threads * events
+        await asyncio.wait_for(reading, 120)
+    finally:
+        for socket in sockets.values():
+            await socket.close()
+    for thread_id, reader in readers.items():
+        assert reader.resyncs == []
+        assert [m["seq"] for m in reader.got] == list(range(1, events + 1)), thread_id
+        assert sorted(m["n"] for m in reader.got) == list(range(events)), thread_id
+        for index in range(len(pool)):
+            mine = [m["n"] for m in reader.got if sender[thread_id, m["n"]] == index]
+            assert mine == sorted(mine), (thread_id, index)
 
 
 # ------------------------------------------------------- in one process, two hubs on Redis
