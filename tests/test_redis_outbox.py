@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import time
 from typing import Any
 
@@ -246,6 +247,25 @@ async def test_threads_associated_while_redis_restarts_use_no_dead_or_orphan_con
             redis_server.start()
             await asyncio.sleep(0.2)
             gc.collect()
+        # threads come and go while Redis kills the notices' connection, again and again
+        stop = asyncio.Event()
+
+        async def churn() -> None:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                guard.mark_connected(f"c{i}")
+                if i >= 5:
+                    guard.mark_disconnected(f"c{i - 5}")
+                await asyncio.sleep(0.002)
+
+        churning = asyncio.create_task(churn())
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+            _kill_pubsub_clients(redis_server)
+            gc.collect()
+        stop.set()
+        await churning
         assert await guard.send("b2-9", {"n": 1}, _unused)
         await eventually(lambda: got == [("b2-9", {"n": 1})])
     finally:
@@ -253,3 +273,10 @@ async def test_threads_associated_while_redis_restarts_use_no_dead_or_orphan_con
     gc.collect()
     noisy = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
     assert noisy == []
+
+
+def _kill_pubsub_clients(server: RedisServer) -> None:
+    import redis
+
+    with redis.Redis.from_url(server.url) as client:
+        client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
