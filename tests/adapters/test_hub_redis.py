@@ -16,13 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import eventually
+from conftest import Records, eventually
+from emitguard import Outcome
 from emitguard_adapters.fallback import emitguard_routes
 from emitguard_adapters.starlette import ThreadHub, allow_any
 from emitguard_adapters.testing import serve
@@ -321,6 +323,7 @@ class _Live:
     def __init__(self, thread_id: str) -> None:
         self.reader = Reader(thread_id)
         self.closed = 0
+        self.reasons: list[str] = []
 
     async def run(self, *bases: str) -> None:
         for attempt in itertools.count():
@@ -331,6 +334,7 @@ class _Live:
                     async for raw in socket:
                         self.reader.take(json.loads(raw))
             self.closed += 1
+            self.reasons.append(f"{socket.close_code} {socket.close_reason}")
             await asyncio.sleep(0.05)
 
 
@@ -442,5 +446,68 @@ async def test_a_client_away_longer_than_the_window_is_told_to_resync(
                 assert (page["type"], page["recovered"]) == ("page", True)
                 assert [m["seq"] for m in page["messages"]] == [9, 10, 11, 12, 13]
     finally:
+        await hub_a.guard.aclose()
+        await hub_b.guard.aclose()
+
+
+async def test_redis_paused_and_notices_killed_end_to_end(
+    redis_server: RedisServer, records: Records
+) -> None:
+    # Agents emit in hub A to three threads whose clients read on hub B. Redis is paused
+    # (SIGSTOP) for 5 s mid-run: the sends wait in A's local buffer, in order, and go into the
+    # log when it resumes; then Redis kills every pub/sub connection (B's notices): the
+    # clients catch up. Every event reaches its client once, in order; nothing is recorded
+    # lost (no EXPIRED, DROPPED or FAILED).
+    hub_a, app_a = await _hub_server(redis_server.url)
+    hub_b, app_b = await _hub_server(redis_server.url)
+    pause = 5.0 * max(SCALE, 0.2)
+    clients = {f"p{i}": _Live(f"p{i}") for i in range(3)}
+    emitted: dict[str, int] = dict.fromkeys(clients, 0)
+    stop = asyncio.Event()
+
+    async def agent(thread_id: str) -> None:
+        while not stop.is_set():
+            message = {"type": "agent_update", "n": emitted[thread_id]}
+            assert await hub_a.send(thread_id, message)
+            emitted[thread_id] += 1
+            await asyncio.sleep(0.02)
+
+    reading: list[asyncio.Task[None]] = []
+    try:
+        async with serve(app_a) as base_a, serve(app_b) as base_b:
+            reading = [asyncio.create_task(c.run(base_b, base_a)) for c in clients.values()]
+            await eventually(lambda: all(hub_b.connections(t) == 1 for t in clients))
+            agents = [asyncio.create_task(agent(t)) for t in clients]
+            await asyncio.sleep(0.5)
+            redis_server.pause()
+            await asyncio.sleep(pause)
+            redis_server.resume()
+            await asyncio.sleep(0.5)
+            with redis.Redis.from_url(redis_server.url) as client:
+                assert client.execute_command("CLIENT", "KILL", "TYPE", "pubsub") >= 1
+            await asyncio.sleep(0.5)  # live after the notices' connection was killed
+            stop.set()
+            await asyncio.gather(*agents)
+
+            def caught_up() -> bool:
+                return all(len(c.reader.got) >= emitted[t] for t, c in clients.items())
+
+            await eventually(caught_up, 20)
+            await asyncio.sleep(0.3)  # anything delivered twice would arrive now
+            for client in clients.values():  # (before the servers stop: that closes them)
+                assert (client.reader.resyncs, client.closed) == ([], 0), client.reasons
+        for thread_id, client in clients.items():
+            got = client.reader.got
+            assert [m["seq"] for m in got] == list(range(1, emitted[thread_id] + 1)), thread_id
+            assert [m["n"] for m in got] == list(range(emitted[thread_id])), thread_id
+        assert min(emitted.values()) >= 20
+        lost = (Outcome.EXPIRED, Outcome.DROPPED, Outcome.FAILED)
+        assert [r for r in records.items if r.outcome in lost] == []
+        paused = [r for r in records.of(Outcome.BUFFERED) if r.seq == 0]
+        assert paused  # some sends waited locally (no seq) while Redis was paused
+    finally:
+        for task in reading:
+            task.cancel()
+        await asyncio.gather(*reading, return_exceptions=True)
         await hub_a.guard.aclose()
         await hub_b.guard.aclose()
