@@ -105,7 +105,10 @@ def notes(report: DemoReport) -> list[str]:
             f"sockets. Guarded, outcomes are summed over the workers: the agent's worker records "
             f"each send BUFFERED in the shared log, the worker holding the socket FLUSHED as it "
             f"hands it over; what a reconnecting client got from the replay is not recorded "
-            f"again, so the total can be below the events emitted."
+            f"again, so the total can be below the events emitted. Guarded 'Cannot deliver' "
+            f"warnings are deliveries a worker tried to a socket whose client had just killed it "
+            f"(before the worker noticed): the events stay in the log and reach the client "
+            f"when it resumes on another worker."
         )
     if report.clock == "network":
         lines += [
