@@ -57,7 +57,9 @@ _BATCH = 100
 _LISTEN = 0.1
 """Seconds the listener waits for a notice before it looks at what it should follow."""
 _UNFOLLOWED = 0.01
-"""Seconds between reads of a thread's log before the listener follows its notices."""
+"""Seconds between reads of a thread's log in its delivery's first second, until the listener
+follows its notices (later, as after a reconnect of the listener, the poll; the listener wakes
+each delivery once it follows the thread again)."""
 
 
 class _Item:
@@ -78,12 +80,13 @@ class _Item:
 class _Here:
     """A thread with a connection in this process: where its delivery stands."""
 
-    __slots__ = ("cursor", "epoch", "task", "thread_id", "wake")
+    __slots__ = ("cursor", "epoch", "since", "task", "thread_id", "wake")
 
     def __init__(self, thread_id: str) -> None:
         self.thread_id = thread_id
         self.epoch: str | None = None
         self.cursor = 0
+        self.since = time.monotonic()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -402,10 +405,14 @@ class Relay:
                     await shared.advance(thread_id, here.epoch, here.cursor)
             if len(rows) == _BATCH and here.cursor > start:
                 continue
-            # until the listener follows the thread's notices, read the log every few ms
-            followed = shared.channel(thread_id) in self._following
+            # read the log every few ms until the listener follows the thread's notices, in
+            # the delivery's first second only (many threads must not poll at that rate)
+            eager = (
+                shared.channel(thread_id) not in self._following
+                and time.monotonic() - here.since < 1.0
+            )
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                await asyncio.wait_for(here.wake.wait(), self.poll if followed else _UNFOLLOWED)
+                await asyncio.wait_for(here.wake.wait(), _UNFOLLOWED if eager else self.poll)
 
     def _serving(self, here: _Here) -> bool:
         """Whether ``here`` still delivers: the relay is open and the thread still here."""
