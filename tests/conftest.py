@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import emitguard
 from emitguard import Emission, Guard, Outcome
-from redis_support import RedisServer, serve
+from redis_support import RedisCluster, RedisServer, serve, serve_cluster
 
 
 class Sink:
@@ -92,6 +92,12 @@ def scale(request: pytest.FixtureRequest) -> float:
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     """A ``redis-server`` of this test alone, on a free port (``tests/redis_support.py``)."""
     yield from serve(tmp_path)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A 3-node Redis Cluster of this test alone, on free ports (``tests/redis_support.py``)."""
+    yield from serve_cluster(tmp_path)
 
 
 @pytest.fixture

@@ -4,6 +4,9 @@
     /ws                         the hub's websocket endpoint (hello, replay, live)
     POST /emit {"thread", "count", "interval"}
                                 an agent in this worker: sends n = 0 .. count-1 to the thread
+    POST /emit-items {"items": [[thread, n], ...]}
+                                sends them (per thread in order, threads at once); answers
+                                {"acked": how many returned True} once all are sent
     GET /emitted                {thread: how many of its sends returned True} so far
     /emitguard/threads/...      SSE and polling (emitguard_routes)
 
@@ -54,6 +57,20 @@ def build(url: str) -> Starlette:
         task.add_done_callback(agents.discard)
         return JSONResponse({"started": True})
 
+    async def emit_items(request: Request) -> JSONResponse:
+        per_thread: dict[str, list[int]] = {}
+        for thread_id, n in (await request.json())["items"]:
+            per_thread.setdefault(thread_id, []).append(n)
+
+        async def in_order(thread_id: str, numbers: list[int]) -> int:
+            acked = 0
+            for n in numbers:
+                acked += bool(await hub.send(thread_id, {"type": "agent_update", "n": n}))
+            return acked
+
+        acks = await asyncio.gather(*(in_order(t, ns) for t, ns in per_thread.items()))
+        return JSONResponse({"acked": sum(acks)})
+
     async def counts(request: Request) -> JSONResponse:
         return JSONResponse(emitted)
 
@@ -65,6 +82,7 @@ def build(url: str) -> Starlette:
     routes = [
         WebSocketRoute("/ws", endpoint),
         Route("/emit", emit, methods=["POST"]),
+        Route("/emit-items", emit_items, methods=["POST"]),
         Route("/emitted", counts),
         *emitguard_routes(hub.guard, authorize=allow_any),
     ]

@@ -68,17 +68,22 @@ class RedisServer:
         self.wait_up()
 
     def wait_up(self, seconds: float = 10.0) -> None:
+        self.wait_for(self.port, seconds)
+
+    @staticmethod
+    def wait_for(port: int, seconds: float = 10.0) -> None:
+        """Wait until the ``redis-server`` on ``port`` answers PING."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), 0.2) as conn:
+                with socket.create_connection(("127.0.0.1", port), 0.2) as conn:
                     conn.sendall(b"PING\r\n")
                     if conn.recv(16).startswith(b"+PONG"):
                         return
             except OSError:
                 pass
             time.sleep(0.02)
-        raise RuntimeError(f"redis-server on {self.port} did not come up")
+        raise RuntimeError(f"redis-server on {port} did not come up")
 
     def kill(self) -> None:
         """``kill -9``."""
@@ -113,3 +118,73 @@ def serve(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+class RedisCluster:
+    """A Redis Cluster of a test: ``nodes`` masters (no replicas), each a ``redis-server``
+    with ``cluster-enabled yes`` on a free port (its bus on another free port, set with
+    ``cluster-port``), joined by ``redis-cli --cluster create``."""
+
+    def __init__(self, directory: Path, nodes: int = 3) -> None:
+        self.directory = directory
+        self.ports = [free_port() for _ in range(nodes)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def url(self) -> str:
+        """The URL of one node, for a cluster client (it discovers the others)."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        for port in self.ports:
+            home = self.directory / f"node-{port}"
+            home.mkdir()
+            args = [
+                shutil.which("redis-server") or "redis-server",
+                "--port", str(port),
+                "--cluster-port", str(free_port()),
+                "--bind", "127.0.0.1",
+                "--dir", str(home),
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(home / "nodes.conf"),
+                "--save", "",
+                "--appendonly", "no",
+                "--logfile", str(home / "redis.log"),
+            ]  # fmt: skip
+            self.processes.append(subprocess.Popen(args, stdout=subprocess.DEVNULL))
+        for port in self.ports:
+            RedisServer.wait_for(port)
+        create = [shutil.which("redis-cli") or "redis-cli", "--cluster", "create"]
+        create += [f"127.0.0.1:{port}" for port in self.ports]
+        create += ["--cluster-replicas", "0", "--cluster-yes"]
+        subprocess.run(create, check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 20
+        while not all(self._ok(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster on {self.ports} did not become ok")
+            time.sleep(0.1)
+
+    @staticmethod
+    def _ok(port: int) -> bool:
+        with socket.create_connection(("127.0.0.1", port), 1) as conn:
+            conn.sendall(b"CLUSTER INFO\r\n")
+            return b"cluster_state:ok" in conn.recv(4096)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+        self.processes = []
+
+
+def serve_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    """A 3-node Redis Cluster of one test, stopped after it (the ``redis_cluster`` fixture)."""
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are not installed")
+    pytest.importorskip("redis")
+    cluster = RedisCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

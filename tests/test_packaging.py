@@ -114,6 +114,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/channels.py": ("channels",),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
     "adapters/emitguard_adapters/_demo_script.py": (),
+    "adapters/emitguard_adapters/workers_demo.py": ("demo", "redis"),
     "adapters/emitguard_adapters/testing.py": ("demo",),
     # docs/starlette.md: the extra, and uvicorn from `demo` to run the example app
     "docs/fastapi_app.py": ("fastapi", "demo"),

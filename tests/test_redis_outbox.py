@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import itertools
 import time
 from typing import Any
 
@@ -217,3 +219,64 @@ async def test_redis_down_sends_wait_in_order_then_expire(
         assert 3 not in got
     finally:
         await guard.aclose()
+
+
+async def test_threads_associated_while_redis_restarts_use_no_dead_or_orphan_connection(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+):
+    # Deliveries that start while Redis is gone used to subscribe on the listener's pub/sub
+    # connection themselves: they wrote to a connection Redis had closed (asyncio: "socket.send()
+    # raised exception") or reopened one the listener had let go, which nobody closed ("unclosed
+    # Connection", a ResourceWarning: an error here). Only the listener touches it now.
+    got: list[tuple[str, Any]] = []
+
+    async def deliver(thread_id: str, message: Any) -> None:
+        got.append((thread_id, message))
+
+    guard = Guard(outbox=f"{redis_server.url}?timeout=0.3", deliver=deliver)
+    try:
+        for round_ in range(3):
+            for i in range(10):
+                guard.mark_connected(f"a{round_}-{i}")
+            await asyncio.sleep(0.05)
+            redis_server.kill()
+            for i in range(10):
+                guard.mark_connected(f"b{round_}-{i}")
+                guard.mark_disconnected(f"a{round_}-{i}")
+            await asyncio.sleep(0.2)
+            redis_server.start()
+            await asyncio.sleep(0.2)
+            gc.collect()
+        # threads come and go while Redis kills the notices' connection, again and again
+        stop = asyncio.Event()
+
+        async def churn() -> None:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                guard.mark_connected(f"c{i}")
+                if i >= 5:
+                    guard.mark_disconnected(f"c{i - 5}")
+                await asyncio.sleep(0.002)
+
+        churning = asyncio.create_task(churn())
+        for _ in range(10):
+            await asyncio.sleep(0.1)
+            _kill_pubsub_clients(redis_server)
+            gc.collect()
+        stop.set()
+        await churning
+        assert await guard.send("b2-9", {"n": 1}, _unused)
+        await eventually(lambda: got == [("b2-9", {"n": 1})])
+    finally:
+        await guard.aclose()
+    gc.collect()
+    noisy = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+    assert noisy == []
+
+
+def _kill_pubsub_clients(server: RedisServer) -> None:
+    import redis
+
+    with redis.Redis.from_url(server.url) as client:
+        client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")

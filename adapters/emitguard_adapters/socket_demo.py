@@ -34,7 +34,8 @@ import dataclasses
 import json
 import logging
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
@@ -191,6 +192,26 @@ class _Server:
             await script.completed.bump()
 
 
+class _Received(Protocol):
+    """What :func:`_result` reads of a client (this demo's, or the workers demo's)."""
+
+    @property
+    def plan(self) -> RunPlan: ...
+
+    received: list[dict[str, Any]]
+    latencies: dict[Any, float]
+
+
+async def run_agent(manager: LegacyWebSocketManager, plan: RunPlan) -> None:
+    """A run's agent with no script (``emitguard demo --workers``, where the steps of a run
+    are in several processes): its events, with the plan's pauses, through the manager."""
+    for number, event in enumerate(EVENTS, start=1):
+        if number > 1:
+            await asyncio.sleep(plan.gaps[number - 2])
+        message = {"type": event, "thread_id": plan.thread_id, "n": number, "t": time.time()}
+        await manager.send_to_thread(plan.thread_id, message)
+
+
 @dataclasses.dataclass
 class _Client:
     """What one client received, across its connections."""
@@ -200,6 +221,10 @@ class _Client:
     latencies: dict[Any, float] = dataclasses.field(default_factory=dict)
     last_receipt: float = 0.0
     """``time.perf_counter()`` of the last message."""
+
+    @property
+    def plan(self) -> RunPlan:
+        return self.script.plan
 
     async def run(self, address: str, key: str) -> None:
         script = self.script
@@ -323,14 +348,14 @@ async def _scenario(
 def _result(
     name: str,
     plans: list[RunPlan],
-    clients: list[_Client],
+    clients: Sequence[_Received],
     key: str,
     wall: float,
     active: float,
     still: int | None,
     outcomes: Any,
 ) -> ScenarioResult:
-    got = tally({c.script.plan.thread_id: c.received for c in clients}, key)
+    got = tally({c.plan.thread_id: c.received for c in clients}, key)
     latencies = [value for c in clients for value in c.latencies.values()]
     repeated = 0
     for client in clients:

@@ -30,6 +30,9 @@ class DemoReport(Protocol):
     @property
     def scenario_digest(self) -> str: ...
 
+    @property
+    def workers(self) -> int: ...
+
 __all__ = ["VARIES", "ProgressBar", "notes", "render_table", "table_rows", "verdict"]
 
 
@@ -99,7 +102,7 @@ def table_rows(report: DemoReport) -> list[tuple[str, str, str]]:
     fixed += [
         ("still buffered after drain", "n/a", _count(safe.still_buffered)),
         (
-            "  total (= events emitted)",
+            "  total (= events emitted)" if report.workers == 1 else "  total (see the notes)",
             "n/a",
             str(sum(count for _, count in terminal) + (safe.still_buffered or 0)),
         ),
@@ -144,6 +147,19 @@ def notes(report: DemoReport) -> list[str]:
         "Outcomes: one terminal outcome per event; 'waited in the buffer' and 'held at the "
         "barrier' are paths some events took on the way, not added to the total.",
     ]
+    if report.workers > 1:
+        lines.append(
+            f"Across {report.workers} worker processes on one Redis: each run's agent emits in "
+            f"one worker and its client reads on another (and reconnects to a third, or to the "
+            f"agent's with 2 workers). Unguarded, each worker's manager knows only its own "
+            f"sockets. Guarded, outcomes are summed over the workers: the agent's worker records "
+            f"each send BUFFERED in the shared log, the worker holding the socket FLUSHED as it "
+            f"hands it over; what a reconnecting client got from the replay is not recorded "
+            f"again, so the total can be below the events emitted. Guarded 'Cannot deliver' "
+            f"warnings are deliveries a worker tried to a socket whose client had just killed it "
+            f"(before the worker noticed): the events stay in the log and reach the client "
+            f"when it resumes on another worker."
+        )
     if report.clock == "network":
         lines += [
             f"Latency: from the agent's send to the client's receipt of the first copy, over the "

@@ -54,6 +54,12 @@ Fan = Callable[[str, int, str, Any], bool]
 True when one took it."""
 
 _BATCH = 100
+_LISTEN = 0.1
+"""Seconds the listener waits for a notice before it looks at what it should follow."""
+_UNFOLLOWED = 0.01
+"""Seconds between reads of a thread's log in its delivery's first second, until the listener
+follows its notices (later, as after a reconnect of the listener, the poll; the listener wakes
+each delivery once it follows the thread again)."""
 
 
 class _Item:
@@ -74,12 +80,13 @@ class _Item:
 class _Here:
     """A thread with a connection in this process: where its delivery stands."""
 
-    __slots__ = ("cursor", "epoch", "task", "thread_id", "wake")
+    __slots__ = ("cursor", "epoch", "since", "task", "thread_id", "wake")
 
     def __init__(self, thread_id: str) -> None:
         self.thread_id = thread_id
         self.epoch: str | None = None
         self.cursor = 0
+        self.since = time.monotonic()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -121,6 +128,10 @@ class Relay:
         self._calls: dict[str, Call] = {}
         self._replayed: dict[str, tuple[str | None, int]] = {}
         self._pubsub: Any = None
+        self._following: set[str] = set()
+        """The notice channels ``_pubsub`` is subscribed to (only the listener changes it)."""
+        self._refollow = False
+        """The threads delivered here changed: the listener subscribes and unsubscribes."""
         self._listener: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -295,6 +306,7 @@ class Relay:
         if thread_id in self._here or self.closed:
             return
         here = self._here[thread_id] = _Here(thread_id)
+        self._refollow = True
 
         def start() -> None:
             if self._here.get(thread_id) is here and not self.closed:
@@ -307,6 +319,7 @@ class Relay:
         here = self._here.pop(thread_id, None)
         if here is None:
             return
+        self._refollow = True
 
         def stop() -> None:
             if here.task is not None:
@@ -336,8 +349,6 @@ class Relay:
     async def _left(self, thread_id: str) -> None:
         with contextlib.suppress(*self._errors):
             await self.shared.release(thread_id, self.worker)
-            if self._pubsub is not None and thread_id not in self._here:
-                await self._pubsub.unsubscribe(self.shared.channel(thread_id))
 
     async def _delivering(self, here: _Here) -> None:
         """Hand the thread's log to this process's send, from its cursor, in order, once."""
@@ -348,8 +359,6 @@ class Relay:
             if not self._serving(here):
                 return
             try:
-                if self._pubsub is not None:
-                    await self._pubsub.subscribe(shared.channel(thread_id))
                 await shared.claim([thread_id], self.worker, self.owner_ttl)
                 here.epoch, _, delivered = await shared.position(thread_id)
                 break
@@ -396,8 +405,14 @@ class Relay:
                     await shared.advance(thread_id, here.epoch, here.cursor)
             if len(rows) == _BATCH and here.cursor > start:
                 continue
+            # read the log every few ms until the listener follows the thread's notices, in
+            # the delivery's first second only (many threads must not poll at that rate)
+            eager = (
+                shared.channel(thread_id) not in self._following
+                and time.monotonic() - here.since < 1.0
+            )
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                await asyncio.wait_for(here.wake.wait(), self.poll)
+                await asyncio.wait_for(here.wake.wait(), _UNFOLLOWED if eager else self.poll)
 
     def _serving(self, here: _Here) -> bool:
         """Whether ``here`` still delivers: the relay is open and the thread still here."""
@@ -476,24 +491,29 @@ class Relay:
             self._heartbeat = self._spawn(self._beating())
 
     async def _listening(self) -> None:
-        """Wake the delivery of a thread on each notice; after a reconnect, subscribe anew
-        and wake every delivery here (it reads the log from its cursor: nothing is missed)."""
+        """The one user of the pub/sub connection: it follows the notices of the threads
+        delivered here and wakes a thread's delivery on each notice, and once it follows the
+        thread (the delivery then reads the log: what was appended before is not missed).
+        After a reconnect it follows every thread anew and wakes every delivery.
+
+        No other task touches the connection: a subscribe from a delivery could write to a
+        connection Redis had closed, or reopen one the listener had just let go, which then
+        belonged to no one (redis-py's pool holds a connection in use only weakly: it was
+        collected open, an "unclosed Connection" ResourceWarning after a Redis restart)."""
         failures = 0
         while not self.closed:
             try:
                 if self._pubsub is None:
-                    pubsub = self.shared.client.pubsub()
-                    channels = [self.shared.channel(t) for t in self._here]
-                    if channels:
-                        await pubsub.subscribe(*channels)
-                    self._pubsub = pubsub
-                    for here in list(self._here.values()):
-                        here.wake.set()
-                if not self._pubsub.subscribed:
-                    await asyncio.sleep(0.05)
+                    self._pubsub = self.shared.client.pubsub()
+                    self._following = set()
+                    self._refollow = True
+                if self._refollow:
+                    await self._follow(self._pubsub)
+                if not self._following:
+                    await asyncio.sleep(_LISTEN)
                     continue
                 message = await self._pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=1.0
+                    ignore_subscribe_messages=True, timeout=_LISTEN
                 )
                 failures = 0
                 if message is not None and message.get("type") == "message":
@@ -510,11 +530,29 @@ class Relay:
                         type(exc).__name__,
                         exc,
                     )
-                pubsub, self._pubsub = self._pubsub, None
-                if pubsub is not None:
+                if self._pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()
+                        await self._pubsub.aclose()
+                    self._pubsub = None  # (after closing it: close() closes it if cancelled)
                 await asyncio.sleep(_backoff(failures))
+
+    async def _follow(self, pubsub: Any) -> None:
+        """Subscribe to the notices of the threads delivered here, unsubscribe the others,
+        and wake the deliveries of the threads newly followed."""
+        self._refollow = False
+        channels = {self.shared.channel(thread_id): thread_id for thread_id in self._here}
+        new = channels.keys() - self._following
+        gone = self._following - channels.keys()
+        if new:
+            await pubsub.subscribe(*new)
+            self._following |= new
+            for channel in new:
+                here = self._here.get(channels[channel])
+                if here is not None:
+                    here.wake.set()
+        if gone:
+            await pubsub.unsubscribe(*gone)
+            self._following -= gone
 
     async def _beating(self) -> None:
         while not self.closed:
@@ -605,6 +643,7 @@ class Relay:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()
             self._pubsub = None
+            self._following = set()
 
 
 def _backoff(failures: int) -> float:

@@ -350,6 +350,8 @@ class DemoReport:
     """What the guarded scenario adds to the bare app (``guard``, ``middleware``, ``resume``)."""
     clock: Literal["virtual", "network"] = "virtual"
     """``virtual``: ``emitguard simulate``; ``network``: ``emitguard demo`` over sockets."""
+    workers: int = 1
+    """Server processes (``emitguard demo --workers N``: more than one, on one Redis)."""
 
     @property
     def ok(self) -> bool:
@@ -372,6 +374,7 @@ class DemoReport:
             "guarded": dataclasses.asdict(self.guarded),
             "setup": self.setup,
             "clock": self.clock,
+            "workers": self.workers,
             "ok": self.ok,
             "verdict": verdict(self),
             "notes": notes(self),

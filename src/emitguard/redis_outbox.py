@@ -105,7 +105,10 @@ class RedisOutbox(Outbox):
     ``history_ttl`` seconds a quiet thread's log lives, ``outage_ttl`` seconds a send waits
     in the local buffer for Redis to come back before it is EXPIRED, ``max_local`` sends the
     local buffer holds (past it, new sends are DROPPED), ``timeout`` seconds per Redis call,
-    ``max_connections`` in the pool (more concurrent calls wait for a free one).
+    ``max_connections`` in the pool (more concurrent calls wait for a free one), ``cluster``
+    (``?cluster=1``): the URL names one node of a Redis Cluster, and the client is redis-py's
+    ``RedisCluster`` (every key of a thread is in the thread's slot; notices are classic
+    pub/sub, which a cluster forwards to every node, read from one node).
     """
 
     shared = True
@@ -122,6 +125,7 @@ class RedisOutbox(Outbox):
         timeout: float = 1.0,
         max_connections: int = 50,
         prefix: str = "emitguard",
+        cluster: bool = False,
     ) -> None:
         self.url = url
         self.maxlen = int(maxlen)
@@ -131,6 +135,7 @@ class RedisOutbox(Outbox):
         self.timeout = float(timeout)
         self.max_connections = int(max_connections)
         self.prefix = prefix
+        self.cluster = bool(cluster)
         self._client: Any = None
         self._sync: Any = None
         self._script: Any = None
@@ -144,36 +149,55 @@ class RedisOutbox(Outbox):
 
     @property
     def client(self) -> Any:
-        """The ``redis.asyncio.Redis`` client (made on first use)."""
+        """The ``redis.asyncio.Redis`` (or ``RedisCluster``) client (made on first use)."""
         if self._client is None:
-            import redis.asyncio as aioredis  # the `redis` extra; imported only when used
-            from redis.asyncio.retry import Retry
-            from redis.backoff import ExponentialBackoff
-            from redis.exceptions import ConnectionError as Broken
-
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self.url,
-                # a connection Redis closed (a restart) is retried once, on a new one; a
-                # timeout is not (the relay decides; its appends are idempotent)
-                retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
-                retry_on_error=[Broken],
-                decode_responses=True,
-                socket_timeout=self.timeout,
-                socket_connect_timeout=self.timeout,
-                max_connections=self.max_connections,
-                timeout=self.timeout * 5,  # waiting for a free connection, not for Redis
-            )
-            self._client = aioredis.Redis.from_pool(pool)  # it owns the pool (closes it)
+            self._client = self._cluster_client() if self.cluster else self._pooled_client()
             self._script = self._client.register_script(APPEND)
             self._advance = self._client.register_script(ADVANCE)
             self._release = self._client.register_script(RELEASE)
         return self._client
 
+    def _pooled_client(self) -> Any:
+        import redis.asyncio as aioredis  # the `redis` extra; imported only when used
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError as Broken
+
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self.url,
+            # a connection Redis closed (a restart) is retried once, on a new one; a
+            # timeout is not (the relay decides; its appends are idempotent)
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+            retry_on_error=[Broken],
+            decode_responses=True,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            max_connections=self.max_connections,
+            timeout=self.timeout * 5,  # waiting for a free connection, not for Redis
+        )
+        return aioredis.Redis.from_pool(pool)  # it owns the pool (closes it)
+
+    def _cluster_client(self) -> Any:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(
+            self.url,
+            decode_responses=True,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            max_connections=self.max_connections,  # per node
+        )
+
     def errors(self) -> tuple[type[BaseException], ...]:
         """What a Redis call raises when Redis is unreachable, slow or failing."""
         import redis.exceptions
 
-        return (redis.exceptions.RedisError, OSError, TimeoutError)
+        return (
+            redis.exceptions.RedisError,
+            redis.exceptions.RedisClusterException,  # (not a RedisError: no node answered)
+            OSError,
+            TimeoutError,
+        )
 
     async def close(self) -> None:
         if self._client is not None:
@@ -279,8 +303,10 @@ class RedisOutbox(Outbox):
         """:meth:`replay` with a blocking client (for :meth:`Guard.replay` in sync code)."""
         if self._sync is None:
             import redis
+            import redis.cluster
 
-            self._sync = redis.Redis.from_url(
+            kind = redis.cluster.RedisCluster if self.cluster else redis.Redis
+            self._sync = kind.from_url(
                 self.url,
                 decode_responses=True,
                 socket_timeout=self.timeout,
@@ -383,6 +409,8 @@ def from_url(url: str) -> RedisOutbox:
             knobs[name] = float(value)
         elif name == "prefix":
             knobs[name] = value
+        elif name == "cluster":
+            knobs[name] = value.lower() in ("1", "true", "yes")
         else:
             rest.append((name, value))
     query = "&".join(f"{name}={value}" for name, value in rest)
