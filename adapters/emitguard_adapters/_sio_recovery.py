@@ -26,6 +26,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from emitguard_adapters._sio_patch import original as _original
@@ -74,6 +75,9 @@ class Sessions:
         """(eio_sid, namespace) -> the auth of a CONNECT being handled."""
         self.recovered: set[tuple[str, str]] = set()
         """(namespace, sid) of sessions restored by their current connection."""
+        self.deferred: dict[tuple[str, str], tuple[Session, int]] = {}
+        """(namespace, sid) -> a recovery the app's connect handler has yet to accept
+        (``skip_connect_handler`` off): nothing restored or sent to it before."""
 
     # ------------------------------------------------------------ offsets
 
@@ -182,44 +186,99 @@ class Sessions:
         found.sort(key=_written)
         return found
 
-    async def restore(self, manager: Any, eio_sid: str, namespace: str, claim: Any) -> Any:
+    async def restore(
+        self, manager: Any, eio_sid: str, namespace: str, claim: Any, *, authorised: bool
+    ) -> Any:
         """Connect ``eio_sid`` as the claimed session (same sid, same rooms) and write what
-        its client missed; ``None`` when it cannot be recovered after all."""
+        its client missed; ``None`` when it cannot be recovered after all.
+
+        Not ``authorised`` (the app's connect handler is to run first): only the session's
+        sid is connected; its rooms and what it missed wait for :meth:`complete`, so a
+        client the handler refuses is sent nothing."""
         session, position = claim
         if manager.is_connected(session.sid, namespace) or session.sid in manager.rooms.get(
             namespace, {}
         ).get(None, {}):
             return None  # its sid is taken again
-        guard = self.adapter.guard
-        async with contextlib.AsyncExitStack() as held:
-            for room in sorted(session.rooms, key=repr):  # one order: no two holds cross
-                await held.enter_async_context(guard.hold((namespace, room)))
+        sid = session.sid
+        if not authorised:
+            if self.missed(namespace, session, position) is None:
+                return None
+            try:
+                _pre_connect(manager, eio_sid, namespace, sid, rooms=False)
+            except Exception:  # this Engine.IO session is in the namespace already (bidict)
+                return None
+            self.opened(namespace, sid, session.pid)
+            self.recovered.add((namespace, sid))
+            self.deferred[(namespace, sid)] = claim
+            return sid
+        async with self._held(namespace, session):
             missed = self.missed(namespace, session, position)
             if missed is None:
                 return None
-            sid = session.sid
             try:
                 _pre_connect(manager, eio_sid, namespace, sid)  # sid room entered: associated
             except Exception:  # this Engine.IO session is in the namespace already (bidict)
                 return None
             self.opened(namespace, sid, session.pid)
             self.recovered.add((namespace, sid))
-            for room in session.rooms:
-                if room != sid:
-                    manager.basic_enter_room(sid, namespace, room)
-            emit = _original(self.adapter.server.emit)
-            for message in missed:
-                await emit(message.event, message.wire(), to=sid, namespace=namespace)
-        log.debug("session %s recovered: %d events replayed", sid, len(missed))
+            await self._rejoin(manager, namespace, session, missed)
         return sid
+
+    async def complete(self, manager: Any, namespace: str, sid: str) -> bool:
+        """The app's connect handler accepted a deferred recovery: restore the session's
+        rooms and write what it missed. False (nothing written) when the replay window
+        moved past it meanwhile."""
+        session, position = self.deferred.pop((namespace, sid))
+        async with self._held(namespace, session):
+            missed = self.missed(namespace, session, position)
+            if missed is None:
+                return False
+            manager.basic_enter_room(sid, namespace, sid)  # sid room entered: associated
+            await self._rejoin(manager, namespace, session, missed)
+        return True
+
+    def refused(self, namespace: str, sid: str) -> None:
+        """The app's connect handler refused a deferred recovery: the session is over."""
+        self.deferred.pop((namespace, sid), None)
+        self.recovered.discard((namespace, sid))
+        session = self.live.pop((namespace, sid), None)
+        if session is not None:
+            self.sids.pop((namespace, session.pid), None)
+
+    @contextlib.asynccontextmanager
+    async def _held(self, namespace: str, session: Session) -> AsyncIterator[None]:
+        """Hold the lines of every room of the session (one order: no two holds cross)."""
+        guard = self.adapter.guard
+        async with contextlib.AsyncExitStack() as held:
+            for room in sorted(session.rooms, key=repr):
+                await held.enter_async_context(guard.hold((namespace, room)))
+            yield
+
+    async def _rejoin(
+        self, manager: Any, namespace: str, session: Session, missed: list[SocketEvent]
+    ) -> None:
+        """Enter the session's other rooms again and write what it missed, in order."""
+        sid = session.sid
+        for room in session.rooms:
+            if room != sid:
+                manager.basic_enter_room(sid, namespace, room)
+        emit = _original(self.adapter.server.emit)
+        for message in missed:
+            await emit(message.event, message.wire(), to=sid, namespace=namespace)
+        log.debug("session %s recovered: %d events replayed", sid, len(missed))
 
 
 def _written(message: SocketEvent) -> int:
     return message.written
 
 
-def _pre_connect(manager: Any, eio_sid: str, namespace: str, sid: str) -> None:
-    """python-socketio's ``BaseManager.pre_connect`` with a given sid (the recovered one)."""
+def _pre_connect(
+    manager: Any, eio_sid: str, namespace: str, sid: str, *, rooms: bool = True
+) -> None:
+    """python-socketio's ``BaseManager.pre_connect`` with a given sid (the recovered one);
+    without ``rooms``, not its sid room either (entered once the recovery is accepted)."""
     manager.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
-    manager.basic_enter_room(sid, namespace, sid, eio_sid=eio_sid)
+    if rooms:
+        manager.basic_enter_room(sid, namespace, sid, eio_sid=eio_sid)
     manager.pending_connect.setdefault(namespace, []).append(sid)

@@ -289,7 +289,9 @@ class SocketIOGuard:
         try:
             claim = await sessions.claim(namespace, auth)
             if claim is not None:
-                sid = await sessions.restore(instance, eio_sid, namespace, claim)
+                sid = await sessions.restore(
+                    instance, eio_sid, namespace, claim, authorised=self.skip_connect_handler
+                )
                 if sid is not None:
                     return sid
         except Exception:
@@ -313,14 +315,30 @@ class SocketIOGuard:
     async def _trigger_event(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        if (
-            args[0] == "connect"
-            and self.skip_connect_handler
-            and len(args) > 2
-            and (args[1] or "/", args[2]) in self.sessions.recovered
-        ):
+        if args[0] != "connect" or len(args) < 3:
+            return await wrapped(*args, **kwargs)
+        key = (args[1] or "/", args[2])
+        sessions = self.sessions
+        if key not in sessions.recovered:
+            return await wrapped(*args, **kwargs)
+        if self.skip_connect_handler:
             return True  # as Socket.IO's skipMiddlewares: a recovered session is trusted
-        return await wrapped(*args, **kwargs)
+        try:  # the app's connect handler authorises the recovery before anything is sent
+            accepted = await wrapped(*args, **kwargs)
+        except BaseException:
+            sessions.refused(*key)
+            raise
+        if accepted is False:
+            sessions.refused(*key)
+        elif key in sessions.deferred and not await sessions.complete(instance.manager, *key):
+            log.warning(
+                "session %s: the replay window moved past it while its connect handler ran; "
+                "refused, so that its client starts a fresh session",
+                key[1],
+            )
+            sessions.refused(*key)
+            return False
+        return accepted
 
     async def _client_disconnect(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -342,3 +342,65 @@ async def test_broadcasts_carry_offsets_and_keep_the_client_position_right() -> 
         await c.disconnect()
         await watcher.disconnect()
     adapter.unguard()
+
+
+async def test_a_connect_handler_that_refuses_gets_no_replay() -> None:
+    """With ``skip_connect_handler=False`` the app's connect handler authorises a recovery:
+    when it refuses, the client is not recovered and none of what it missed is even sent."""
+    sio = socketio.AsyncServer(async_mode="asgi")
+    adapter = guard_server(sio, recovery=True, history=100, skip_connect_handler=False)
+    refusing = False
+
+    @sio.event
+    async def connect(sid: str, environ: dict[str, Any], auth: Any) -> None:
+        if refusing:
+            raise socketio.exceptions.ConnectionRefusedError("token revoked")
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        await sio.enter_room(sid, room)
+
+    async with running(sio) as url:
+        observer = client()  # stays in the room: what the other misses is delivered, kept
+        await observer.connect(url, transports=["websocket"])
+        await observer.call("join", "r")
+        got: list[int] = []
+        c = client(reconnection=False)
+        state = recovering(c)
+        c.on("note", got.append)
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        await c.call("join", "r")
+        await sio.emit("note", 0, to="r")
+        await until(lambda: got == [0])
+        sid = c.get_sid()
+        abort(c)
+        await until(lambda: not sio.manager.is_connected(sid, "/"))
+        for n in range(1, 4):  # missed while away (delivered to the observer: in the window)
+            await sio.emit("note", n, to="r")
+        refusing = True
+        wire: list[str] = []  # every Socket.IO packet the client is sent, as it arrives
+        handle = c.eio.handlers["message"]  # (python-socketio's, on its Engine.IO client)
+
+        async def recording(data: Any) -> None:
+            wire.append(data)
+            await handle(data)
+
+        c.eio.handlers["message"] = recording
+        with pytest.raises(socketio.exceptions.ConnectionError):
+            await c.connect(url, transports=["websocket"], auth=state.auth)
+        await asyncio.sleep(0.2)
+        assert wire  # (the refusal)
+        assert all("note" not in packet for packet in wire)  # none was even sent
+        assert got == [0]
+        assert state.recovered is False
+        assert not sio.manager.is_connected(sid, "/")
+        refusing = False  # a refused recovery used the session up: a fresh one now
+        await c.connect(url, transports=["websocket"], auth=state.auth)
+        assert state.recovered is False
+        assert c.get_sid() != sid
+        await asyncio.sleep(0.1)
+        assert got == [0]
+        await c.disconnect()
+        await observer.disconnect()
+    adapter.unguard()
+    await adapter.guard.aclose()
