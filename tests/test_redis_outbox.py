@@ -280,3 +280,36 @@ def _kill_pubsub_clients(server: RedisServer) -> None:
 
     with redis.Redis.from_url(server.url) as client:
         client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+
+
+async def test_what_a_resuming_client_got_from_the_replay_is_recorded_once(
+    redis_server: RedisServer,
+):
+    """Events no worker handed over (nobody was connected), which a client then gets from the
+    replay on the worker it resumes on, end FLUSHED there, once each, and are not sent again;
+    the next event is delivered as usual. Over the two workers, one terminal record each."""
+    got: list[Any] = []
+
+    async def deliver(thread_id: str, message: Any) -> None:
+        got.append(message["seq"])
+
+    agent = Guard(outbox=redis_server.url, stamp_seq="seq", name="agent-worker")
+    socket_worker = Guard(
+        outbox=redis_server.url, deliver=deliver, stamp_seq="seq", name="socket-worker"
+    )
+    try:
+        for n in range(3):  # nobody connected anywhere: kept in the log
+            assert await agent.send("t", {"n": n}, deliver=_unused)
+        async with socket_worker.hold("t"):  # the endpoint of a client resuming from seq 0
+            replay = await socket_worker.areplay("t", 0)
+            assert [seq for seq, _ in replay.messages] == [1, 2, 3]
+            socket_worker.mark_connected("t")
+        await eventually(lambda: socket_worker.stats().outcomes[Outcome.FLUSHED] == 3)
+        assert await agent.send("t", {"n": 3}, deliver=_unused)
+        await eventually(lambda: got == [4])  # the replayed three are not handed over again
+        flushed = [agent.stats().outcomes, socket_worker.stats().outcomes]
+        assert sum(outcomes[Outcome.FLUSHED] for outcomes in flushed) == 4
+        assert agent.stats().outcomes[Outcome.BUFFERED] == 4
+    finally:
+        await agent.aclose()
+        await socket_worker.aclose()

@@ -368,8 +368,8 @@ class Relay:
                 await asyncio.sleep(_backoff(failures))
         here.cursor = delivered
         replayed = self._replayed.pop(thread_id, None)
-        if replayed is not None and replayed[0] == here.epoch:
-            here.cursor = max(here.cursor, replayed[1])
+        if replayed is not None and replayed[0] == here.epoch and replayed[1] > delivered:
+            await self._replayed_here(here, replayed[1])
         failures = 0
         # (checked on every round as well as cancelled: on Python 3.11, asyncio.wait_for loses
         # a cancellation that comes as the event it waits for is set, and close() then waited
@@ -417,6 +417,43 @@ class Relay:
     def _serving(self, here: _Here) -> bool:
         """Whether ``here`` still delivers: the relay is open and the thread still here."""
         return not self.closed and self._here.get(here.thread_id) is here
+
+    async def _replayed_here(self, here: _Here, upto: int) -> None:
+        """A client resuming here got the log up to ``upto`` from the replay: the entries no
+        process had delivered yet (after ``here.cursor``) are recorded FLUSHED here, so that
+        each still ends in one record, and delivery goes on after them."""
+        thread_id, shared = here.thread_id, self.shared
+        while here.cursor < upto:
+            try:
+                epoch, rows = await shared.read(thread_id, here.cursor, _BATCH)
+            except self._errors as exc:
+                self._went_down(exc)
+                break
+            if epoch != here.epoch or not rows:
+                break
+            for stored in rows:
+                if stored.seq > upto:
+                    break
+                message = stamped(self._stamp, stored.message, stored.seq, here.epoch or "")
+                why = "replayed from the shared log to the client resuming here"
+                self._recorder.note(
+                    self._recorder.make(
+                        Outcome.FLUSHED,
+                        thread_id,
+                        stored.seq,
+                        message,
+                        why,
+                        created_at=stored.created_at,
+                    )
+                )
+                here.cursor = stored.seq
+            else:
+                continue
+            break
+        here.cursor = max(here.cursor, upto)
+        if here.epoch is not None:
+            with contextlib.suppress(*self._errors):
+                await shared.advance(thread_id, here.epoch, here.cursor)
 
     async def _hand(self, here: _Here, stored: Stored) -> bool:
         """Deliver one entry with retries; False when it is still not delivered."""
