@@ -166,6 +166,14 @@ class ThreadTable:
                     del self._owners[key]
             return True
 
+    def carried(self, owner: object) -> list[ThreadSlot]:
+        """The slots of the threads ``owner`` carries (none: an empty list, no lookup cost)."""
+        threads = self._owners.get(owner_key(owner))
+        if not threads:
+            return []
+        with self.mutex:
+            return [self.slots[t] for t in list(threads) if t in self.slots]
+
     def owner_gone(self, owner: object) -> list[ThreadSlot]:
         """``owner`` went away: forget it; the slots of the threads it carried, oldest
         association order not implied (sorted by repr for a stable order)."""

@@ -8,7 +8,7 @@ import itertools
 import json
 import threading
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from django.conf import settings as django_settings
 
@@ -23,7 +23,9 @@ from channels.layers import InMemoryChannelLayer, channel_layers
 from channels.testing import WebsocketCommunicator
 
 import emitguard
-from emitguard import ConnectionState, Outcome
+from conftest import eventually
+from emitguard import ConnectionState, Outcome, transport
+from emitguard_adapters._channels_layer import CAPACITY
 from emitguard_adapters.channels import GuardedConsumerMixin, guard_layer
 
 
@@ -299,4 +301,140 @@ async def test_scenario_unguarded_loses_guarded_does_not() -> None:
     assert _tally(seen, 15) == (0, 0, 0), (lost, seen)
     assert await guard.drain(2.0) == 0
     assert guard.stats().pending_total == 0
+    emitguard.unguard(layer)
+
+
+class _ManyGroups(GuardedConsumerMixin, AsyncJsonWebsocketConsumer):
+    """One consumer in several groups (a dashboard following many conversations)."""
+
+    async def connect(self) -> None:
+        self.groups_joined = self.scope["url_route"]["kwargs"]["groups"]
+        for group in self.groups_joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+        await self.accept()
+
+    async def chat_event(self, event: dict[str, Any]) -> None:
+        await self.send_json({"g": event["g"], "n": event["n"]})
+
+
+class _ManyGroupsPlain(AsyncJsonWebsocketConsumer):
+    connect = _ManyGroups.connect
+    chat_event = _ManyGroups.chat_event
+
+
+async def fan_in(layer: Any, groups: int, events: int, *, guarded: bool) -> dict[str, list[int]]:
+    """One consumer in ``groups`` groups; an agent per group sends ``events`` at once to its
+    group, all groups together (the channel fills up). What the client received, per group."""
+    channel_layers.set("default", layer)
+    names = [f"g{i}" for i in range(groups)]
+    app = (_ManyGroups if guarded else _ManyGroupsPlain).as_asgi()
+    client = WebsocketCommunicator(app, "/ws/many/")
+    client.scope["url_route"] = {"kwargs": {"groups": names}}
+    assert (await client.connect())[0]
+
+    async def agent(group: str) -> None:
+        for n in range(1, events + 1):
+            await layer.group_send(group, {"type": "chat.event", "g": group, "n": n})
+
+    await asyncio.gather(*(agent(group) for group in names))
+    got: dict[str, list[int]] = {group: [] for group in names}
+    while not await client.receive_nothing(0.5):
+        item = await client.receive_json_from()
+        got[item["g"]].append(item["n"])
+    await client.disconnect()
+    return got
+
+
+def capacity_drops_recorded(records: Any, guard: emitguard.Guard) -> int:
+    """The records of the guard that kept an event dropped for capacity; checks that each
+    such event ended delivered (FLUSHED) and that nothing else was lost."""
+    mine = [r for r in records.items if r.guard_name == guard.name]
+    dropped = [r for r in mine if r.outcome is Outcome.BUFFERED and CAPACITY in (r.reason or "")]
+    ended = {(r.thread_id, r.seq): r for r in mine if r.outcome is not Outcome.BUFFERED}
+    assert {r.outcome for r in ended.values()} <= {Outcome.DELIVERED, Outcome.FLUSHED}
+    for record in dropped:
+        final = ended[(record.thread_id, record.seq)]
+        assert final.outcome is Outcome.FLUSHED, final
+        assert final.attempts >= 1, final
+    return len(dropped)
+
+
+async def test_channel_full_in_memory_is_recorded_and_resent(records: Any) -> None:
+    bare = await fan_in(InMemoryChannelLayer(capacity=3), 10, 3, guarded=False)
+    assert sum(map(len, bare.values())) < 30  # ChannelFull, swallowed by group_send
+    layer = InMemoryChannelLayer(capacity=3)
+    await guarded_fan_in(layer, 10, records)
+    assert "send" not in vars(layer)  # the watch on send is gone with the guard
+
+
+async def guarded_fan_in(layer: Any, groups: int, records: Any) -> None:
+    """:func:`fan_in` guarded: every event arrives once, in order, and the channel did fill
+    up (drops recorded, then re-sent)."""
+    guard = guard_layer(layer, stamp_seq="seq")
+    got = await fan_in(layer, groups, 3, guarded=True)
+    assert got == {f"g{i}": [1, 2, 3] for i in range(groups)}
+    assert capacity_drops_recorded(records, guard) > 0
+    assert guard.stats().pending_total == 0
+    emitguard.unguard(layer)
+
+
+class _Slow(GuardedConsumerMixin, AsyncJsonWebsocketConsumer):
+    """A live consumer that takes longer than the guard's confirm to send a frame (each
+    event's handler sleeps ``delays[n]``, the first time it handles ``n``)."""
+
+    delays: ClassVar[dict[int, float]] = {}
+
+    async def connect(self) -> None:
+        await self.channel_layer.group_add("slow", self.channel_name)
+        await self.accept()
+
+    async def chat_event(self, event: dict[str, Any]) -> None:
+        await asyncio.sleep(self.delays.pop(event["n"], 0.0))
+        await self.send_json({"n": event["n"], "seq": event["seq"]})
+
+
+async def slow_client(layer: Any, delays: dict[int, float]) -> WebsocketCommunicator:
+    channel_layers.set("default", layer)
+    client = WebsocketCommunicator(type("Slow", (_Slow,), {"delays": delays}).as_asgi(), "/ws/")
+    assert (await client.connect())[0]
+    return client
+
+
+async def test_a_consumer_slower_than_confirm_is_waited_for(records: Any) -> None:
+    layer = InMemoryChannelLayer()
+    guard = guard_layer(layer, confirm=0.05, retry_backoff=(0.01,), stamp_seq="seq")
+    client = await slow_client(layer, {1: 0.3, 2: 0.2, 3: 0.2})
+    for n in (1, 2, 3):  # each handler sleeps 4-6x confirm: its consumer is busy, not dead
+        await layer.group_send("slow", {"type": "chat.event", "n": n})
+        assert guard.state("slow") is ConnectionState.CONNECTED
+    assert [item["seq"] for item in await received(client, 3)] == [1, 2, 3]
+    assert await client.receive_nothing(0.1)
+    mine = [r.outcome for r in records.items if r.guard_name == guard.name]
+    assert mine == [Outcome.DELIVERED] * 3
+    await client.disconnect()
+    emitguard.unguard(layer)
+
+
+async def test_a_group_disconnected_by_a_stalled_consumer_comes_back_with_its_next_frame(
+    monkeypatch: Any,
+) -> None:
+    monkeypatch.setattr(transport, "BUSY_LIMIT", 0.1)  # the consumer stalls past it, once
+    layer = InMemoryChannelLayer()
+    guard = guard_layer(layer, confirm=0.05, retry_backoff=(0.01,), stamp_seq="seq")
+    client = await slow_client(layer, {1: 0.6})
+    await layer.group_send("slow", {"type": "chat.event", "n": 1})
+    await eventually(lambda: guard.state("slow") is ConnectionState.DISCONNECTED)
+    # Unconfirmed twice (the retry too): the group counts as gone, though its consumer lives.
+    for n in (2, 3):
+        await layer.group_send("slow", {"type": "chat.event", "n": n})
+    assert guard.stats().pending_total >= 2
+    # The consumer's next frame reconnects the group and the kept events go out, with no
+    # group_add. (At least once: the retries enqueued n=1 again; the seq tells.)
+    assert await guard.drain(5.0) == 0
+    assert guard.state("slow") is ConnectionState.CONNECTED
+    seqs: list[int] = []
+    while len(set(seqs)) < 3:
+        seqs.append((await client.receive_json_from(timeout=3))["seq"])
+    assert list(dict.fromkeys(seqs)) == [1, 2, 3]
+    await client.disconnect()
     emitguard.unguard(layer)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
-from test_channels import connected, received
+from test_channels import connected, fan_in, guarded_fan_in, received
 
 import emitguard
 from emitguard import ConnectionState
@@ -64,4 +64,19 @@ async def test_capacity_drops_are_silent_unguarded_and_none_guarded(
     assert got == list(range(1, 31))  # the group's line keeps its channel under capacity
     assert await guard.drain(1.0) == 0
     emitguard.unguard(layer)
+    await layer.flush()
+
+
+async def test_a_channel_in_many_groups_over_capacity_is_recorded_and_resent(
+    redis_server: RedisServer, records: Any
+) -> None:
+    """20 groups of one consumer send at once: each group's line keeps to one send at a time,
+    but together they fill the channel. channels_redis skips the full channel and only logs;
+    guarded, each skipped event is recorded (BUFFERED, reason naming capacity) and re-sent."""
+    bare = redis_layer(redis_server, capacity=3)
+    got = await fan_in(bare, 20, 3, guarded=False)
+    assert sum(map(len, got.values())) < 60  # dropped, and group_send said nothing
+    await bare.flush()
+    layer = redis_layer(redis_server, capacity=3)
+    await guarded_fan_in(layer, 20, records)
     await layer.flush()
