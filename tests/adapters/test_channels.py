@@ -438,3 +438,69 @@ async def test_a_group_disconnected_by_a_stalled_consumer_comes_back_with_its_ne
     assert list(dict.fromkeys(seqs)) == [1, 2, 3]
     await client.disconnect()
     emitguard.unguard(layer)
+
+
+class _Resuming(GuardedConsumerMixin, AsyncJsonWebsocketConsumer):
+    """The tutorial consumer with join_group: a client that comes back with ``?after=<seq>``
+    gets what it missed, in the consumer's own format, then the live events."""
+
+    async def connect(self) -> None:
+        self.room = self.scope["url_route"]["kwargs"]["room"]
+        await self.accept()
+        await self.join_group(self.room)
+
+    async def disconnect(self, code: int) -> None:
+        await self.channel_layer.group_discard(self.room, self.channel_name)
+
+    async def chat_event(self, event: dict[str, Any]) -> None:
+        await self.send_json({"n": event["n"], "seq": event["seq"]})
+
+
+async def resuming(room: str, query: str = "") -> WebsocketCommunicator:
+    client = WebsocketCommunicator(_Resuming.as_asgi(), f"/ws/{room}/{query}")
+    client.scope["url_route"] = {"kwargs": {"room": room}}
+    assert (await client.connect())[0]
+    return client
+
+
+async def test_a_reconnecting_consumer_gets_what_it_missed_then_live() -> None:
+    layer = InMemoryChannelLayer()
+    channel_layers.set("default", layer)
+    guard = guard_layer(layer, stamp_seq="seq", history=50)
+    first = await resuming("r1")
+    for n in range(1, 6):
+        await layer.group_send("r1", {"type": "chat.event", "n": n})
+    assert [item["seq"] for item in await received(first, 2)] == [1, 2]
+    # The socket drops: frames 3-5 had left the consumer (delivered, in the window) but never
+    # reached the client. It comes back with the last seq it saw.
+    await first.disconnect()
+    again = await resuming("r1", "?after=2")
+    await layer.group_send("r1", {"type": "chat.event", "n": 6})
+    assert await received(again, 4) == [{"n": n, "seq": n} for n in (3, 4, 5, 6)]
+    assert await again.receive_nothing(0.05)
+    fresh = await resuming("r1")  # no ?after=: live only
+    await layer.group_send("r1", {"type": "chat.event", "n": 7})
+    assert await received(fresh, 1) == [{"n": 7, "seq": 7}]
+    assert await guard.drain(1.0) == 0
+    await again.disconnect()
+    await fresh.disconnect()
+    emitguard.unguard(layer)
+
+
+async def test_a_replay_the_window_no_longer_covers_closes_for_a_resync() -> None:
+    layer = InMemoryChannelLayer()
+    channel_layers.set("default", layer)
+    guard = guard_layer(layer, stamp_seq="seq", history=2)
+    first = await resuming("r2")
+    for n in range(1, 6):
+        await layer.group_send("r2", {"type": "chat.event", "n": n})
+    assert len(await received(first, 5)) == 5
+    await first.disconnect()
+    again = WebsocketCommunicator(_Resuming.as_asgi(), "/ws/r2/?after=1")
+    again.scope["url_route"] = {"kwargs": {"room": "r2"}}
+    assert (await again.connect())[0]
+    # What the window still has (4, 5), then the close asking for a resync: never a silent gap.
+    assert await received(again, 2) == [{"n": 4, "seq": 4}, {"n": 5, "seq": 5}]
+    assert (await again.receive_output(1))["code"] == _Resuming.resync_code
+    assert guard.stats().pending_total == 0
+    emitguard.unguard(layer)
