@@ -463,13 +463,19 @@ async def resuming(room: str, query: str = "") -> WebsocketCommunicator:
     return client
 
 
-async def test_a_reconnecting_consumer_gets_what_it_missed_then_live() -> None:
+async def five_sent(room: str, history: int) -> tuple[Any, emitguard.Guard, WebsocketCommunicator]:
+    """A guarded layer with a replay window, a first client, and 5 events sent to it."""
     layer = InMemoryChannelLayer()
     channel_layers.set("default", layer)
-    guard = guard_layer(layer, stamp_seq="seq", history=50)
-    first = await resuming("r1")
+    guard = guard_layer(layer, stamp_seq="seq", history=history)
+    first = await resuming(room)
     for n in range(1, 6):
-        await layer.group_send("r1", {"type": "chat.event", "n": n})
+        await layer.group_send(room, {"type": "chat.event", "n": n})
+    return layer, guard, first
+
+
+async def test_a_reconnecting_consumer_gets_what_it_missed_then_live() -> None:
+    layer, guard, first = await five_sent("r1", history=50)
     assert [item["seq"] for item in await received(first, 2)] == [1, 2]
     # The socket drops: frames 3-5 had left the consumer (delivered, in the window) but never
     # reached the client. It comes back with the last seq it saw.
@@ -488,12 +494,7 @@ async def test_a_reconnecting_consumer_gets_what_it_missed_then_live() -> None:
 
 
 async def test_a_replay_the_window_no_longer_covers_closes_for_a_resync() -> None:
-    layer = InMemoryChannelLayer()
-    channel_layers.set("default", layer)
-    guard = guard_layer(layer, stamp_seq="seq", history=2)
-    first = await resuming("r2")
-    for n in range(1, 6):
-        await layer.group_send("r2", {"type": "chat.event", "n": n})
+    layer, guard, first = await five_sent("r2", history=2)
     assert len(await received(first, 5)) == 5
     await first.disconnect()
     again = WebsocketCommunicator(_Resuming.as_asgi(), "/ws/r2/?after=1")
