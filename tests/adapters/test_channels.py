@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import threading
@@ -180,24 +179,7 @@ async def _sync_agents(guarded: bool, rooms: int = 4, events: int = 15) -> float
     guard = guard_layer(layer, stamp_seq="seq") if guarded else None
     names = [f"s{i}" for i in range(rooms)]
     clients = [await connected(layer, room, plain=not guarded) for room in names]
-    errors: list[BaseException] = []
-
-    def agent(room: str) -> None:
-        try:
-            for n in range(1, events + 1):
-                async_to_sync(layer.group_send)(room, {"type": "chat.event", "n": n})
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    workers = [threading.Thread(target=agent, args=(room,)) for room in names]
-    started = time.monotonic()
-    for worker in workers:
-        worker.start()
-    while any(worker.is_alive() for worker in workers):
-        await asyncio.sleep(0.001)
-        assert time.monotonic() - started < 20, "a sync agent hung"
-    elapsed = time.monotonic() - started
-    assert errors == []
+    elapsed = await run_sync_agents(layer, names, events, rooms, pause=0.0)
     for client in clients:
         got = await received(client, events)
         assert [item["n"] for item in got] == list(range(1, events + 1))
@@ -234,13 +216,22 @@ class _Plain(AsyncJsonWebsocketConsumer):
         await self.send_json({"n": event["n"], "seq": event.get("seq")})
 
 
-async def _scenario(
-    layer: Any, guarded: bool, conversations: int = 30, events: int = 15
-) -> dict[str, Any]:
+async def scenario(
+    layer: Any,
+    guarded: bool,
+    conversations: int = 30,
+    events: int = 15,
+    *,
+    sync_workers: int = 0,
+) -> tuple[dict[str, list[int]], float]:
     """The issue's scenario: an agent per conversation sends ``events`` while its client
     connects late; every third client drops after a few events and reconnects. Returns what
     the clients saw, per conversation, as ``n``s in arrival order (frames that left before a
-    drop count as received)."""
+    drop count as received), and the seconds the agents took.
+
+    ``sync_workers``: the agents are sync code in that many worker threads calling
+    ``async_to_sync(layer.group_send)`` (the Celery / sync-view pattern), each thread taking
+    its share of the conversations in turn; 0: one coroutine per agent on this loop."""
     channel_layers.set("default", layer)
     consumer = consumer_for(layer) if guarded else _Plain
     seen: dict[str, list[int]] = {}
@@ -271,20 +262,59 @@ async def _scenario(
                     got.append(json.loads(frame["text"])["n"])
             await asyncio.sleep(0.03)
             client = await open_client(room)
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            while len(got) < events:
-                got.append((await client.receive_json_from(timeout=1.0))["n"])
-        if not client.future.done():  # (a receive that timed out stopped the app already)
-            await client.disconnect()
+        # (receive_nothing waits without cancelling the app, as a timed-out receive would:
+        # channels_redis's receive then raises redis' own TimeoutError out of the consumer)
+        while len(got) < events and not await client.receive_nothing(1.0):
+            got.append((await client.receive_json_from())["n"])
+        await client.disconnect()
 
     rooms = [f"conv{i}" for i in range(conversations)]
-    await asyncio.gather(
-        *(agent(room) for room in rooms), *(user(i, room) for i, room in enumerate(rooms))
-    )
-    return seen
+    took = 0.0
+
+    async def agents() -> None:
+        nonlocal took
+        started = time.monotonic()
+        if not sync_workers:
+            await asyncio.gather(*(agent(room) for room in rooms))
+        else:
+            await run_sync_agents(layer, rooms, events, sync_workers)
+        took = time.monotonic() - started
+
+    await asyncio.gather(agents(), *(user(i, room) for i, room in enumerate(rooms)))
+    return seen, took
 
 
-def _tally(seen: dict[str, list[int]], events: int) -> tuple[int, int, int]:
+async def run_sync_agents(
+    layer: Any, rooms: list[str], events: int, workers: int, pause: float = 0.004
+) -> float:
+    """Worker thread ``k`` sends event ``n`` to each of ``rooms[k::workers]`` in turn, through
+    ``async_to_sync``, for n = 1..events, pausing ``pause`` s after each round; this loop
+    stays free for the consumers. Returns the seconds the threads took."""
+    errors: list[BaseException] = []
+
+    def work(mine: list[str]) -> None:
+        try:
+            for n in range(1, events + 1):
+                for room in mine:
+                    async_to_sync(layer.group_send)(room, {"type": "chat.event", "n": n})
+                if pause:
+                    time.sleep(pause)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(rooms[k::workers],)) for k in range(workers)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        await asyncio.sleep(0.001)
+        assert time.monotonic() - started < 60, "a sync agent hung"
+    assert errors == []
+    return time.monotonic() - started
+
+
+def tally(seen: dict[str, list[int]], events: int) -> tuple[int, int, int]:
+    """(lost, duplicates, reorders) over what the clients received."""
     lost = sum(len(set(range(1, events + 1)) - set(got)) for got in seen.values())
     duplicates = sum(len(got) - len(set(got)) for got in seen.values())
     reorders = sum(1 for got in seen.values() for a, b in itertools.pairwise(got) if b < a)
@@ -292,13 +322,13 @@ def _tally(seen: dict[str, list[int]], events: int) -> tuple[int, int, int]:
 
 
 async def test_scenario_unguarded_loses_guarded_does_not() -> None:
-    bare = await _scenario(InMemoryChannelLayer(), guarded=False)
-    lost, _, _ = _tally(bare, 15)
+    bare, _ = await scenario(InMemoryChannelLayer(), guarded=False)
+    lost, _, _ = tally(bare, 15)
     assert lost > 0  # the late joins and the drops lose events
     layer = InMemoryChannelLayer()
     guard = guard_layer(layer, stamp_seq="seq", ready_timeout=3.0)
-    seen = await _scenario(layer, guarded=True)
-    assert _tally(seen, 15) == (0, 0, 0), (lost, seen)
+    seen, _ = await scenario(layer, guarded=True)
+    assert tally(seen, 15) == (0, 0, 0), (lost, seen)
     assert await guard.drain(2.0) == 0
     assert guard.stats().pending_total == 0
     emitguard.unguard(layer)

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
-from test_channels import connected, fan_in, guarded_fan_in, received
+from test_channels import connected, fan_in, guarded_fan_in, received, scenario, tally
 
 import emitguard
 from emitguard import ConnectionState
@@ -79,4 +79,26 @@ async def test_a_channel_in_many_groups_over_capacity_is_recorded_and_resent(
     await bare.flush()
     layer = redis_layer(redis_server, capacity=3)
     await guarded_fan_in(layer, 20, records)
+    await layer.flush()
+
+
+async def test_scenario_on_redis_with_sync_agents_in_four_worker_threads(
+    redis_server: RedisServer,
+) -> None:
+    """The issue's second scenario: 30 conversations x 15 events on channels_redis, the agents
+    sync code in 4 worker threads calling async_to_sync(layer.group_send), clients joining
+    late and every third dropping and reconnecting. (Its time against the unguarded run, 10
+    runs: benchmarks/channels_scenario.py.)"""
+    bare = redis_layer(redis_server)
+    seen, _ = await scenario(bare, guarded=False, sync_workers=4)
+    lost, _, _ = tally(seen, 15)
+    assert lost > 0  # the late joins and the drops lose events
+    await bare.flush()
+    layer = redis_layer(redis_server)
+    guard = guard_layer(layer, stamp_seq="seq", ready_timeout=3.0)
+    seen, _ = await scenario(layer, guarded=True, sync_workers=4)
+    assert tally(seen, 15) == (0, 0, 0), (lost, seen)
+    assert await guard.drain(2.0) == 0
+    assert guard.stats().pending_total == 0
+    emitguard.unguard(layer)
     await layer.flush()
