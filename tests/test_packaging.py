@@ -112,6 +112,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/_sio_patch.py": (),
     "adapters/emitguard_adapters/_sio_recovery.py": (),
     "adapters/emitguard_adapters/channels.py": ("channels",),
+    "adapters/emitguard_adapters/_channels_layer.py": ("channels",),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
     "adapters/emitguard_adapters/testing.py": ("demo",),
     # docs/starlette.md: the extra, and uvicorn from `demo` to run the example app
