@@ -167,12 +167,13 @@ class ThreadTable:
             return True
 
     def carried(self, owner: object) -> list[ThreadSlot]:
-        """The slots of the threads ``owner`` carries (none: an empty list, no lookup cost)."""
+        """The slots of the threads ``owner`` carries, as they are now (no lock: called for
+        every frame a transport sends; a copy of the set is one atomic step)."""
         threads = self._owners.get(owner_key(owner))
         if not threads:
             return []
-        with self.mutex:
-            return [self.slots[t] for t in list(threads) if t in self.slots]
+        slots = self.slots
+        return [slot for t in tuple(threads) if (slot := slots.get(t)) is not None]
 
     def owner_gone(self, owner: object) -> list[ThreadSlot]:
         """``owner`` went away: forget it; the slots of the threads it carried, oldest
