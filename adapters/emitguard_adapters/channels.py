@@ -15,8 +15,9 @@ guard when a frame really leaves the consumer (``transport.frame_sent`` with the
 channel name) and when the consumer goes away; with it, ``guard_layer`` confirms each
 delivery (``Guard.confirm_deliveries``): an event whose group's consumers sent no frame within
 ``confirm`` seconds (a dead consumer's queue) is not counted delivered; it is retried, kept,
-and sent again after the group's next ``group_add``, or as soon as one of its consumers sends
-a frame again (a consumer slower than ``confirm`` is still there: :meth:`Guard.owner_alive`).
+and sent again after the group's next ``group_add``. A consumer whose handler is still running
+is alive: its frame is waited for past ``confirm`` (``transport.handling``); one stuck past
+``transport.BUSY_LIMIT`` gets its groups back with its next frame (``Guard.owner_alive``).
 
 A message the layer drops for capacity (channels_redis over ``capacity``, the in-memory
 layer's ``ChannelFull``) is not delivered either: it is retried and kept, its record says
