@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer
@@ -78,7 +79,18 @@ async def test_a_channel_in_many_groups_over_capacity_is_recorded_and_resent(
     assert sum(map(len, got.values())) < 60  # dropped, and group_send said nothing
     await bare.flush()
     layer = redis_layer(redis_server, capacity=3)
-    await guarded_fan_in(layer, 20, records)
+    heard: list[logging.LogRecord] = []
+    host = logging.Handler()
+    host.emit = heard.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(host)
+    try:
+        await guarded_fan_in(layer, 20, records)
+    finally:
+        logging.getLogger().removeHandler(host)
+    # The capacity records were read at INFO, but the host's handlers (root at WARNING) got
+    # none of them: its logs are what they were without the guard.
+    assert logging.getLogger().getEffectiveLevel() > logging.INFO
+    assert [r for r in heard if r.name == "channels_redis.core"] == []
     await layer.flush()
 
 
