@@ -8,9 +8,10 @@ a guarded ``group_send`` (while the guard confirms deliveries) each such drop is
 the guard with :func:`emitguard.transport.dropped`, so the event is retried and kept instead
 of being counted delivered.
 
-This is an ``emitguard_adapt`` plugin that runs before the manager adapter for a channel layer
-guarded with ``send="group_send"``: it lets the manager adapter wrap the layer's methods and
-adds the watch; ``emitguard.unguard(layer)`` takes both off.
+This is a built-in ``emitguard_adapt`` plugin (entry point ``channels`` of the ``emitguard``
+group) that runs before the manager adapter. For a channel layer instance guarded with
+``send="group_send"`` it lets the manager adapter wrap the layer's methods and adds the watch;
+``emitguard.unguard(layer)`` takes both off. Anything else it leaves to the next plugin.
 """
 
 from __future__ import annotations

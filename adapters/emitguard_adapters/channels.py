@@ -35,8 +35,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import emitguard
-from emitguard import AdapterError, Guard, Replay, hooks, transport
-from emitguard_adapters import _channels_layer
+from emitguard import AdapterError, Guard, Replay, transport
 
 __all__ = ["LAYER_OPTIONS", "GuardedConsumerMixin", "guard_layer"]
 
@@ -72,8 +71,6 @@ def guard_layer(layer: Any = None, *, confirm: float | None = 0.5, **options: An
             f"{', '.join(missing)}"
         )
     options.setdefault("name", f"channels-{type(layer).__name__}-{id(layer):x}")
-    if not hooks.plugin_manager().is_registered(_channels_layer):
-        hooks.register(_channels_layer, name="emitguard_adapters.channels")
     guard = emitguard.guard(layer, **LAYER_OPTIONS, **options)
     guard.confirm_deliveries(confirm)
     return guard
