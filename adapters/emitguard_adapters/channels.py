@@ -144,7 +144,8 @@ class GuardedConsumerMixin:
         guard's replay window (``history=N``), dispatched to this consumer's own handlers
         (so it leaves in the consumer's wire format) before any newer event of the group.
         Call it in an async consumer's ``connect`` after ``accept()``. Returns the replay
-        (``None`` when there was nothing to replay from); a replay the window no longer
+        (``None`` when there was nothing to replay from: no ``after``, or a guard without
+        a window, which is logged); a replay the window no longer
         covers calls :meth:`replay_gap` after sending what it has."""
         layer = self.channel_layer
         guard = emitguard.guarded(layer)
@@ -154,12 +155,22 @@ class GuardedConsumerMixin:
             await layer.group_add(group, self.channel_name)
             return None
         async with guard.hold(group):
-            replay = await guard.areplay(group, after)
+            try:
+                replay: Replay | None = await guard.areplay(group, after)
+            except ValueError:  # no replay window: live only (a configuration to fix)
+                log.warning(
+                    "%s: join_group(%r) has nothing to replay from: guard_layer(..., "
+                    "history=N) keeps a window",
+                    self,
+                    group,
+                )
+                replay = None
             await layer.group_add(group, self.channel_name)
-            for _seq, message in replay.messages:
-                await self.dispatch(message)
-            if not replay.complete:
-                await self.replay_gap(group, replay)
+            if replay is not None:
+                for _seq, message in replay.messages:
+                    await self.dispatch(message)
+                if not replay.complete:
+                    await self.replay_gap(group, replay)
         return replay
 
     async def replay_gap(self, group: str, replay: Replay) -> None:

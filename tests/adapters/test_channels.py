@@ -535,3 +535,18 @@ async def test_a_replay_the_window_no_longer_covers_closes_for_a_resync() -> Non
     assert (await again.receive_output(1))["code"] == _Resuming.resync_code
     assert guard.stats().pending_total == 0
     emitguard.unguard(layer)
+
+
+async def test_join_group_without_a_replay_window_is_live_only(
+    caplog: Any,
+) -> None:
+    layer = InMemoryChannelLayer()
+    channel_layers.set("default", layer)
+    guard = guard_layer(layer, stamp_seq="seq")  # no history=N
+    client = await resuming("r3", "?after=3")
+    await layer.group_send("r3", {"type": "chat.event", "n": 1})
+    assert await received(client, 1) == [{"n": 1, "seq": 1}]
+    assert "nothing to replay from" in caplog.text
+    assert guard.stats().pending_total == 0
+    await client.disconnect()
+    emitguard.unguard(layer)
