@@ -112,6 +112,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/_sio_patch.py": (),
     "adapters/emitguard_adapters/_sio_recovery.py": (),
     "adapters/emitguard_adapters/channels.py": ("channels",),
+    "adapters/emitguard_adapters/_channels_layer.py": ("channels",),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
     "adapters/emitguard_adapters/_demo_script.py": (),
     "adapters/emitguard_adapters/workers_demo.py": ("demo", "redis"),

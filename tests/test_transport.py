@@ -7,6 +7,7 @@ Starlette tests cover the same paths over real sockets.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from typing import Any
@@ -230,3 +231,73 @@ async def test_stats_count_a_delivery_while_a_slow_sender_holds_the_handed_on_li
     second_gate.set()
     assert await two
     assert guard.stats().outcomes[Outcome.DELIVERED] == 2
+
+
+async def test_a_dropped_send_is_kept_with_its_reason_and_sent_again(records: Any) -> None:
+    guard = Guard(retry_backoff=(0.01,))
+    guard.confirm_deliveries(0.5)
+    guard.mark_connected("t1")
+    tries: list[int] = []
+
+    async def full_once(message: Any) -> None:  # returns as if it worked, both times
+        tries.append(message["n"])
+        if len(tries) == 1:
+            transport.dropped("dropped for capacity: queue of 3 full")
+        else:
+            transport.frame_sent()
+
+    assert await guard.send("t1", {"n": 1}, full_once)
+    assert await guard.drain(2.0) == 0
+    assert tries == [1, 1]
+    first = records.items[0]
+    assert (first.outcome, first.reason) == (
+        Outcome.BUFFERED,
+        "dropped for capacity: queue of 3 full; retry 1 of 1 in 0.01s",
+    )
+    assert records.items[-1].outcome is Outcome.FLUSHED
+    transport.dropped("outside any guarded send: nothing happens")
+    await guard.aclose()
+
+
+async def test_owner_alive_reconnects_the_threads_failures_disconnected_only() -> None:
+    guard = Guard(retry_backoff=())
+    guard.confirm_deliveries(0.01)
+    guard.mark_connected("a", "conn")
+    guard.mark_connected("b", "conn")
+
+    async def silent(message: Any) -> bool:
+        return True  # no frame: unconfirmed, no retries left
+
+    await guard.send("a", {"n": 1}, silent)
+    assert guard.state("a") is ConnectionState.DISCONNECTED
+    guard.leave("b", "conn")  # left on purpose: not the owner's any more
+    assert guard.owner_alive("conn") == ["a"]
+    assert guard.state("a") is ConnectionState.CONNECTED
+    assert guard.state("b") is ConnectionState.DISCONNECTED
+    assert guard.owner_alive("someone else") == []
+    guard.disconnect_owner("conn")
+    assert guard.owner_alive("conn") == []
+    await guard.aclose()
+
+
+async def test_a_carrier_handling_a_message_is_waited_for_past_the_timeout() -> None:
+    guard = Guard()
+    guard.confirm_deliveries(0.02)
+    guard.mark_connected("t1", "conn")
+
+    async def slow_consumer(message: Any) -> bool:
+        async def handle() -> None:
+            with transport.handling("conn"):
+                await asyncio.sleep(0.2)  # ten times the confirmation timeout
+                transport.frame_sent("conn")
+
+        # (the consumer's own task, outside the send's context, like a Channels consumer)
+        asyncio.get_running_loop().call_soon(
+            lambda: asyncio.ensure_future(handle()), context=contextvars.Context()
+        )
+        return True
+
+    assert await guard.send("t1", {"n": 1}, slow_consumer)
+    assert guard.stats().outcomes[Outcome.DELIVERED] == 1
+    assert guard.state("t1") is ConnectionState.CONNECTED
+    await guard.aclose()

@@ -93,6 +93,8 @@ class Delivery:
         if slot.subscribers and fan_out(slot, seq, message):
             return Verdict.OK, None
         if probe is not None and verdict is Verdict.OK:
+            if probe.dropped is not None:
+                return Verdict.RETRY, probe.dropped
             if not probe.frames and not await probe.wait(self.confirm or 0.0, slot.owners):
                 return Verdict.RETRY, UNCONFIRMED
             self._adopt(slot, probe)

@@ -336,6 +336,8 @@ class Senders:
             accept = pipeline.delivery.accept
             if (not result and result is not None) if accept is None else not accept(result):
                 verdict, why = judge(result, accept)
+            elif probe is not None and probe.dropped is not None:
+                verdict, why = Verdict.RETRY, probe.dropped
             elif (
                 probe is not None
                 and not probe.frames

@@ -166,6 +166,15 @@ class ThreadTable:
                     del self._owners[key]
             return True
 
+    def carried(self, owner: object) -> list[ThreadSlot]:
+        """The slots of the threads ``owner`` carries, as they are now (no lock: called for
+        every frame a transport sends; a copy of the set is one atomic step)."""
+        threads = self._owners.get(owner_key(owner))
+        if not threads:
+            return []
+        slots = self.slots
+        return [slot for t in tuple(threads) if (slot := slots.get(t)) is not None]
+
     def owner_gone(self, owner: object) -> list[ThreadSlot]:
         """``owner`` went away: forget it; the slots of the threads it carried, oldest
         association order not implied (sorted by repr for a stable order)."""

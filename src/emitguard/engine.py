@@ -313,6 +313,19 @@ class Guard:
             table.settled(slot)
         return gone
 
+    def owner_alive(self, owner: object) -> list[Hashable]:
+        """``owner`` (a connection) is alive: a frame just left through it. The threads it
+        still carries that were disconnected because deliveries to them kept failing (a
+        consumer slower than the confirmation) are associated again, which flushes what they
+        kept. Threads it left, or that were disconnected explicitly, are not touched (those
+        calls took the owner off them). Returns the threads associated again."""
+        back: list[Hashable] = []
+        for slot in self._table.carried(owner):
+            if slot.state is ConnectionState.DISCONNECTED:
+                self._associate(slot.thread_id, owner)
+                back.append(slot.thread_id)
+        return back
+
     def leave(self, thread_id: Hashable, owner: object, reason: str | None = None) -> bool:
         """``owner`` leaves one thread (a socket leaving a room), keeping its others: the
         thread is disconnected when no other owner carries it. Returns True when that

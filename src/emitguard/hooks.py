@@ -105,7 +105,11 @@ def plugin_manager() -> pluggy.PluginManager:
     return _dispatch.pm
 
 
-BUILT_IN = {"manager": "emitguard_adapters.manager", "commands": "emitguard_adapters.commands"}
+BUILT_IN = {
+    "manager": "emitguard_adapters.manager",
+    "channels": "emitguard_adapters._channels_layer",
+    "commands": "emitguard_adapters.commands",
+}
 """The adapters shipped with emitguard, by entry-point name: registered from a source
 checkout too, where no package metadata declares them."""
 

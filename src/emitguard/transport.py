@@ -7,6 +7,11 @@ two things through context variables:
   guard confirms deliveries (:meth:`emitguard.Guard.confirm_deliveries`), it opens a
   :class:`Probe` around each call of the original send; a send that reports success while no
   frame left is not taken as delivered. Tasks the manager spawns inherit the probe.
+- :func:`dropped`, when the stack dropped the message of the send running in this context
+  (a queue over capacity) and said nothing to the caller: the send is not taken as delivered,
+  and the reason given is recorded.
+- :func:`handling`, around the handling of one message by a connection (a consumer's
+  handler): a confirmation waiting on that connection waits on while it is busy.
 - :func:`serving`, around the code that serves one connection: an association made there is
   owned by that connection, so the thread is disconnected when the connection goes (unless
   another live connection carries it).
@@ -27,17 +32,28 @@ from typing import Any
 
 from emitguard._loops import resolve
 
-__all__ = ["Probe", "associating", "association", "frame_sent", "serving", "serving_owner"]
+__all__ = [
+    "Probe",
+    "associating",
+    "association",
+    "dropped",
+    "frame_sent",
+    "handling",
+    "serving",
+    "serving_owner",
+]
 
 
 class Probe:
     """Counts the frames that leave while one original send runs (and after, for frames sent
     by tasks it spawned)."""
 
-    __slots__ = ("_waiter", "frames", "more", "opened", "owner")
+    __slots__ = ("_waiter", "dropped", "frames", "more", "opened", "owner")
 
     def __init__(self) -> None:
         self.frames = 0
+        self.dropped: str | None = None
+        """Why the stack dropped the message (:func:`dropped`), or ``None``."""
         self.opened = time.monotonic()
         """When the send started: a frame on a carrier since then counts (:meth:`wait`)."""
         self.owner: object = None
@@ -88,7 +104,8 @@ class Probe:
         """
         if self.frames or timeout <= 0:
             return self.frames > 0
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
         watched = list(carriers)  # the guard's owner keys: hashable
         for carrier in watched:
             _watchers.setdefault(carrier, set()).add(self)
@@ -98,9 +115,23 @@ class Probe:
         if any(_recent.get(carrier, -1.0) >= opened for carrier in watched):
             self.frames += 1
         try:
-            if not self.frames:
-                with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                    await asyncio.wait_for(self._waiter, timeout)
+            busy_until = time.monotonic() + BUSY_LIMIT
+            while not self.frames:
+                # (a timer that resolves the waiter, not asyncio.wait_for: half the cost on
+                # this per-send path, and no lost cancellation on Python 3.11)
+                timer = loop.call_later(timeout, _time_up, self._waiter)
+                try:
+                    await self._waiter
+                finally:
+                    timer.cancel()
+                if (  # a carrier still handling a message is alive: wait on for its frame
+                    self.frames
+                    or not _handling
+                    or not any(carrier in _handling for carrier in watched)
+                    or time.monotonic() > busy_until
+                ):
+                    break
+                self._waiter = loop.create_future()
         finally:
             for carrier in watched:
                 probes = _watchers.get(carrier)
@@ -109,6 +140,11 @@ class Probe:
                     if not probes:
                         del _watchers[carrier]
         return self.frames > 0
+
+
+def _time_up(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 PROBE: ContextVar[Probe | None] = ContextVar("emitguard_probe", default=None)
@@ -120,6 +156,11 @@ _recent: dict[object, float] = {}
 owner goes; emptied past ``_RECENT_LIMIT`` entries, the worst case being a confirmation
 missed and the event sent again)."""
 _RECENT_LIMIT = 100_000
+_handling: dict[object, int] = {}
+"""Connections handling a message now (:func:`handling`), with how many at once."""
+BUSY_LIMIT = 30.0
+"""Seconds a confirmation waits on for a frame while a carrier is still handling a message
+(:func:`handling`); a connection busy longer counts as stuck."""
 _serving: ContextVar[object] = ContextVar("emitguard_serving", default=None)
 _associating: ContextVar[frozenset[object]] = ContextVar(
     "emitguard_associating", default=frozenset()
@@ -149,6 +190,16 @@ def frame_sent(owner: object = None) -> None:
                 late.sent(owner)
 
 
+def dropped(reason: str) -> None:
+    """The stack dropped the message of the send running in this context (or in a task it
+    spawned), e.g. a channel over capacity, while the send returns as if it worked. While the
+    guard confirms deliveries the send is then not delivered: it is retried and kept, with
+    ``reason`` on its record. Outside a guarded send (no probe open) this does nothing."""
+    probe = PROBE.get()
+    if probe is not None and probe.dropped is None:
+        probe.dropped = reason
+
+
 def forget(owner: object) -> None:
     """``owner`` (a connection) went away: forget when it last sent a frame."""
     try:
@@ -170,6 +221,29 @@ def close_probe(token: Token[Probe | None]) -> None:
         PROBE.reset(token)
     except ValueError:
         return
+
+
+class handling:  # (a context manager used like a function: a class is cheaper)
+    """Connection ``owner`` (hashable) is handling a message inside (a consumer's handler
+    runs): it is alive, so a confirmation waiting for a frame on it waits past its timeout,
+    for as long as the handling lasts (up to :data:`BUSY_LIMIT` seconds)."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: object) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> None:
+        owner = self.owner
+        _handling[owner] = _handling.get(owner, 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        owner = self.owner
+        left = _handling.get(owner, 1) - 1
+        if left > 0:
+            _handling[owner] = left
+        else:
+            _handling.pop(owner, None)
 
 
 @contextlib.contextmanager
