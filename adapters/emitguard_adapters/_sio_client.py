@@ -72,9 +72,10 @@ class Recovery:
             and isinstance(offset := args[-1], str)
             and args[1] == self.namespace
         ):
-            epoch, dot, number = offset.partition(".")
-            if dot and number.isdigit():  # an offset (not the app's own string argument)
-                position = int(number)
+            epoch, dot, numbers = offset.partition(".")
+            parts = numbers.split(".")  # one number, or one per room on the Redis outbox
+            if dot and all(part.isdigit() for part in parts):  # not the app's own string
+                position = sum(map(int, parts))  # (each new event raises one of them)
                 if epoch == self._epoch and position <= self._position:
                     self.duplicates += 1
                     return None  # seen before

@@ -131,12 +131,8 @@ class Sessions:
             session.recoverable = False
 
     def went(self, namespace: str, sid: str) -> None:
-        self.recovered.discard((namespace, sid))
-        session = self.live.pop((namespace, sid), None)
-        if session is None:
-            return
-        self.sids.pop((namespace, session.pid), None)
-        if not session.recoverable:
+        session = forget(self, namespace, sid)
+        if session is None or not session.recoverable:
             return
         now = session.left_at = time.monotonic()
         self.departed[(namespace, session.pid)] = session
@@ -157,12 +153,7 @@ class Sessions:
         pid, position = auth.get("pid"), self.position(auth.get("offset"))
         if not isinstance(pid, str) or position is None:
             return None
-        sid = self.sids.get((namespace, pid))
-        stale = self.live.get((namespace, sid)) if sid is not None else None
-        if stale is not None and stale.recoverable:  # back before the server saw it go
-            server = self.adapter.server
-            await _original(server.disconnect)(stale.sid, namespace=namespace, ignore_queue=True)
-            self.went(namespace, stale.sid)
+        await close_stale(self, namespace, pid)
         session = self.departed.pop((namespace, pid), None)
         if session is None:
             return None
@@ -241,10 +232,7 @@ class Sessions:
     def refused(self, namespace: str, sid: str) -> None:
         """The app's connect handler refused a deferred recovery: the session is over."""
         self.deferred.pop((namespace, sid), None)
-        self.recovered.discard((namespace, sid))
-        session = self.live.pop((namespace, sid), None)
-        if session is not None:
-            self.sids.pop((namespace, session.pid), None)
+        forget(self, namespace, sid)
 
     @contextlib.asynccontextmanager
     async def _held(self, namespace: str, session: Session) -> AsyncIterator[None]:
@@ -267,6 +255,27 @@ class Sessions:
         for message in missed:
             await emit(message.event, message.wire(), to=sid, namespace=namespace)
         log.debug("session %s recovered: %d events replayed", sid, len(missed))
+
+
+async def close_stale(sessions: Any, namespace: str, pid: str) -> None:
+    """The client of ``pid`` is back before the server saw its connection go: close that
+    connection (its session is then kept for the recovery)."""
+    sid = sessions.sids.get((namespace, pid))
+    stale = sessions.live.get((namespace, sid)) if sid is not None else None
+    if stale is not None and stale.recoverable:
+        server = sessions.adapter.server
+        await _original(server.disconnect)(stale.sid, namespace=namespace, ignore_queue=True)
+        sessions.went(namespace, stale.sid)
+
+
+def forget(sessions: Any, namespace: str, sid: str) -> Any:
+    """Drop a session from ``sessions.live`` (and its pid, its recovered mark): the
+    session, or ``None`` when it was not live."""
+    sessions.recovered.discard((namespace, sid))
+    session = sessions.live.pop((namespace, sid), None)
+    if session is not None:
+        sessions.sids.pop((namespace, session.pid), None)
+    return session
 
 
 def _written(message: SocketEvent) -> int:

@@ -32,15 +32,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import logging
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from emitguard import AdapterError, Guard
+from emitguard.backends import from_url
 from emitguard.calls import MISSING
 from emitguard_adapters._sio_client import Recovery, recovering
 from emitguard_adapters._sio_patch import Guarded as _Guarded
 from emitguard_adapters._sio_recovery import Sessions
+from emitguard_adapters._sio_shared import SharedSessions, room_thread
 
 __all__ = [
     "Recovery",
@@ -104,13 +107,20 @@ class SocketIOGuard:
         recovery: bool,
         max_disconnection_duration: float,
         skip_connect_handler: bool = True,
+        shared: bool = False,
     ) -> None:
         self.server = server
         self.guard = guard
         self.recovery = recovery
         self.confirm = True
         self.skip_connect_handler = skip_connect_handler
-        self.sessions = Sessions(self, max_disconnection_duration)
+        self.shared = shared
+        """On the Redis outbox: rooms and recovery across workers (see ``_sio_shared``)."""
+        self.sessions: Any = (
+            SharedSessions(self, max_disconnection_duration)
+            if shared and recovery
+            else Sessions(self, max_disconnection_duration)
+        )
         """Recovery's state: pids, offsets, sessions kept for their client's return."""
         self._patches: list[tuple[Any, str]] = []
         self._send_call = guard.send_call
@@ -129,7 +139,8 @@ class SocketIOGuard:
     def patch(self) -> None:
         server, manager = self.server, self.server.manager
         self._original_emit = server.emit
-        self._wrap(server, "emit", self._emit if self.asynchronous else self._emit_sync)
+        emit = self._emit_shared if self.shared else self._emit
+        self._wrap(server, "emit", emit if self.asynchronous else self._emit_sync)
         self._wrap(manager, "basic_enter_room", self._entered)
         self._wrap(manager, "basic_leave_room", self._left)
         if self.recovery:
@@ -153,6 +164,8 @@ class SocketIOGuard:
             holder, name = self._patches.pop()
             if isinstance(vars(holder).get(name), _Guarded):
                 delattr(holder, name)
+        if isinstance(self.sessions, SharedSessions):
+            self.sessions.close()
 
     # ------------------------------------------------------------ emits
 
@@ -182,6 +195,34 @@ class SocketIOGuard:
         else:
             thread = (message.namespace, message.room)
             send(thread, message, self._deliver_sync, (message,), {}, _one, kind)
+
+    async def _emit_shared(
+        self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """:meth:`_emit` on the Redis outbox: an emit to one str room goes to the room's log
+        as a JSON dict; any other emit passes through (to this worker's clients only)."""
+        message = _event(*args, **kwargs)
+        kind = message.event if isinstance(message.event, str) else None
+        stored = None if message.passing else _stored(message)
+        if stored is None:
+            await self._send_call(None, message, wrapped, args, kwargs, _unchanged, kind)
+            return
+        thread = room_thread(message.namespace, message.room)  # type: ignore[arg-type]
+        deliver = self._deliver_shared
+        await self._send_call(thread, stored, deliver, (thread, stored), {}, _two, kind)
+
+    async def _deliver_shared(self, thread_id: str, message: dict[str, Any]) -> bool:
+        """Hand an entry of a room's log to this worker's members of the room (the relay's
+        ``deliver``): with recovery one by one, each with its offset."""
+        if self.recovery:
+            return await self.sessions.deliver(thread_id, message)  # type: ignore[no-any-return]
+        namespace, room = message["namespace"], message["room"]
+        if self.confirm and not self._live(namespace, room):
+            return False
+        await self._original_emit(
+            message["event"], tuple(message["args"]), to=room, namespace=namespace
+        )
+        return True
 
     def _passed(
         self, message: SocketEvent, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -242,11 +283,12 @@ class SocketIOGuard:
     ) -> Any:
         result = wrapped(*args, **kwargs)
         sid, namespace, room = _room_call(args, kwargs)
-        if room is not None:
+        thread = self._thread(namespace, room)
+        if thread is not None:
             try:
                 if self.recovery:
                     self.sessions.entered(namespace, sid, room)
-                self.guard.mark_connected((namespace, room), (namespace, sid))
+                self.guard.mark_connected(thread, (namespace, sid))
             except Exception:
                 log.exception("emitguard could not record that %s entered %r", sid, room)
         return result
@@ -258,12 +300,23 @@ class SocketIOGuard:
         if self.recovery and room is not None:
             self.sessions.left(namespace, sid, room, instance.is_connected(sid, namespace))
         result = wrapped(*args, **kwargs)
-        if room is not None:
+        thread = self._thread(namespace, room)
+        if thread is not None:
             try:
-                self.guard.leave((namespace, room), (namespace, sid), f"{sid} left {room!r}")
+                self.guard.leave(thread, (namespace, sid), f"{sid} left {room!r}")
+                if self.shared and self.recovery and room not in instance.rooms.get(namespace, {}):
+                    self.sessions.cursors.pop(thread, None)  # delivered here no more
             except Exception:
                 log.exception("emitguard could not record that %s left %r", sid, room)
         return result
+
+    def _thread(self, namespace: str, room: Any) -> Hashable | None:
+        """The guard's thread of a room (``None``: not guarded)."""
+        if room is None:
+            return None
+        if not self.shared:
+            return (namespace, room)
+        return room_thread(namespace, room) if isinstance(room, str) else None
 
     # ------------------------------------------------------------ recovery
 
@@ -319,8 +372,11 @@ class SocketIOGuard:
         sessions = self.sessions
         if key not in sessions.recovered:
             return await wrapped(*args, **kwargs)
-        if self.skip_connect_handler:
-            return True  # as Socket.IO's skipMiddlewares: a recovered session is trusted
+        if self.skip_connect_handler:  # as Socket.IO's skipMiddlewares: it is trusted
+            if key in sessions.deferred and not await sessions.complete(instance.manager, *key):
+                sessions.refused(*key)
+                return False
+            return True
         try:  # the app's connect handler authorises the recovery before anything is sent
             accepted = await wrapped(*args, **kwargs)
         except BaseException:
@@ -381,6 +437,38 @@ def _one(
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Rebind a guarded emit's delivery (``_deliver(message)``) to another message."""
     return (message,), kwargs
+
+
+def _two(
+    args: tuple[Any, ...], kwargs: dict[str, Any], message: Any
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Rebind a shared delivery (``_deliver_shared(thread, message)``) to another message."""
+    return (args[0], message), kwargs
+
+
+def _stored(message: SocketEvent) -> dict[str, Any] | None:
+    """A room emit as the Redis log keeps it (JSON); ``None`` (passed through, logged) when
+    its room is not a str or its data is not JSON."""
+    stored = {
+        "event": message.event,
+        "args": list(_arguments(message.data)),
+        "namespace": message.namespace,
+        "room": message.room,
+    }
+    try:
+        if not isinstance(message.room, str):
+            raise TypeError(f"room {message.room!r} is not a str")
+        json.dumps(stored)
+    except (TypeError, ValueError) as exc:
+        log.warning(
+            "emitguard passes %r to %r through unguarded (this worker's clients only): the "
+            "Redis outbox keeps str rooms and JSON data (%s)",
+            message.event,
+            message.room,
+            exc,
+        )
+        return None
+    return stored
 
 
 def _unchanged(
@@ -463,6 +551,23 @@ def guard_server(
         options.setdefault("history", 1000)
         if not options["history"]:
             raise ValueError("recovery=True needs a replay window: history must be >= 1")
+    outbox = options.get("outbox")
+    if isinstance(outbox, str):
+        outbox = options["outbox"] = from_url(outbox)
+    shared = bool(getattr(outbox, "shared", False))
+    adapter_box: list[SocketIOGuard] = []
+    if shared:  # the Redis outbox: rooms (and recovery) across workers, see _sio_shared
+        if not inspect.iscoroutinefunction(server.emit):
+            raise AdapterError(
+                "a shared (Redis) outbox needs a python-socketio AsyncServer; the synchronous "
+                "socketio.Server is guarded with the memory outbox only"
+            )
+
+        async def deliver(thread_id: str, message: dict[str, Any]) -> bool:
+            return await adapter_box[0]._deliver_shared(thread_id, message)
+
+        options["deliver"] = deliver
+        options["stamp_seq"] = "seq"  # the relay hands each entry with its seq and epoch
     options.setdefault("name", f"socketio-{id(server):x}")
     guard = Guard(**options)
     adapter = SocketIOGuard(
@@ -471,7 +576,10 @@ def guard_server(
         recovery=recovery,
         max_disconnection_duration=max_disconnection_duration,
         skip_connect_handler=skip_connect_handler,
+        shared=shared,
     )
+    if shared:
+        adapter_box.append(adapter)
     adapter.confirm = confirm
     adapter.patch()
     return adapter

@@ -9,8 +9,6 @@ import contextlib
 import itertools
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,47 +26,9 @@ from emitguard import Outcome
 from emitguard_adapters.fallback import emitguard_routes
 from emitguard_adapters.starlette import ThreadHub, allow_any
 from emitguard_adapters.testing import serve
-from redis_support import SCALE, RedisServer, free_port
+from redis_support import SCALE, AppWorker, RedisServer
 
-WORKER = Path(__file__).parent.parent / "redis_hub_worker.py"
-
-
-class AppWorker:
-    """``tests/redis_hub_worker.py`` in a process of its own, on a free port."""
-
-    def __init__(self, url: str) -> None:
-        self.port = free_port()
-        self.process = subprocess.Popen(
-            [sys.executable, str(WORKER), url, str(self.port)],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "ready", "the worker did not start"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        """``kill -9``."""
-        self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+HUB = Path(__file__).parent.parent / "redis_hub_worker.py"
 
 
 class Reader:
@@ -117,7 +77,7 @@ def workers(redis_server: RedisServer) -> Any:
     started: list[AppWorker] = []
 
     def start(count: int) -> list[AppWorker]:
-        started.extend(AppWorker(redis_server.url) for _ in range(count))
+        started.extend(AppWorker(HUB, redis_server.url) for _ in range(count))
         return started[-count:]
 
     yield start
