@@ -56,8 +56,9 @@ def app(events: dict[str, int]) -> socketio.AsyncServer:
 
     @sio.event
     async def start(sid: str, room: str) -> None:
+        text = "x" * events.get("payload", 0)
         for n in range(events["n"]):
-            await sio.emit("tick", {"n": n}, to=room)
+            await sio.emit("tick", {"n": n, "text": text}, to=room)
 
     return sio
 
@@ -105,21 +106,21 @@ async def round_rate(url: str, clients: int, events: int, recovery: bool) -> flo
 SERVERS = ("bare", "guarded", "recovery")
 
 
-def apps(events: str) -> dict[str, Any]:
+def apps(events: str, payload: str = "0") -> dict[str, Any]:
     """The three servers (built in the server process by ``_server_process``): bare,
     guarded with the defaults (transport confirmation), guarded with ``recovery=True``."""
-    settings = {"n": int(events)}
+    settings = {"n": int(events), "payload": int(payload)}
     built = {name: app(settings) for name in SERVERS}
     guard_server(built["guarded"])
     guard_server(built["recovery"], recovery=True, history=int(events))
     return {name: socketio.ASGIApp(sio) for name, sio in built.items()}
 
 
-async def throughput(clients: int, events: int, rounds: int) -> None:
+async def throughput(clients: int, events: int, rounds: int, payload: int = 0) -> None:
     rates: dict[str, list[float]] = {name: [] for name in SERVERS}
     cpu: dict[str, list[float]] = {name: [] for name in SERVERS}
     client_cpu: dict[str, list[float]] = {name: [] for name in SERVERS}
-    with serving("socketio_server", "apps", str(events)) as server:
+    with serving("socketio_server", "apps", str(events), str(payload)) as server:
         pinned = server.pin()
         for number in range(rounds):
             shift = number % len(SERVERS)  # each server takes each place in the order
@@ -129,7 +130,10 @@ async def throughput(clients: int, events: int, rounds: int) -> None:
                 rates[name].append(await round_rate(url, clients, events, name == "recovery"))
                 cpu[name].append((server.cpu() - before) / (clients * events) * 1e6)
                 client_cpu[name].append((time.process_time() - here) / (clients * events) * 1e6)
-    print(f"throughput, {clients} clients x {events} events, {rounds} rounds; {pinned}")
+    print(
+        f"throughput, {clients} clients x {events} events of {payload} extra bytes, "
+        f"{rounds} rounds; {pinned}"
+    )
     for name in SERVERS:
         print(
             f"  {name:9}median {statistics.median(rates[name]):9.0f} events/s  "
@@ -150,7 +154,7 @@ async def throughput(clients: int, events: int, rounds: int) -> None:
 
 
 async def recovery(missed: int) -> None:
-    sio = app({"n": 0})
+    sio = app({"n": 0, "payload": 0})
     adapter = guard_server(sio, recovery=True, history=missed + 10, max_disconnection_duration=30)
     received: list[int] = []
     live = asyncio.Event()
@@ -214,10 +218,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=500)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--missed", type=int, default=1000)
+    parser.add_argument(
+        "--payload", type=int, default=0, help="bytes of text in each event (default: none)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.clients, args.events, args.rounds = 5, 50, 2
-    asyncio.run(throughput(args.clients, args.events, args.rounds))
+    asyncio.run(throughput(args.clients, args.events, args.rounds, args.payload))
     asyncio.run(recovery(args.missed))
 
 
