@@ -123,6 +123,10 @@ class SocketIOGuard:
         )
         """Recovery's state: pids, offsets, sessions kept for their client's return."""
         self._patches: list[tuple[Any, str]] = []
+        self._carriers: dict[tuple[str, Any], Any] = {}
+        """(namespace, room) -> the Engine.IO socket of a member found live, until anyone
+        leaves the room (every leave, a disconnect's and a closed room's too, goes through
+        the manager's ``basic_leave_room``) or the socket closes: :meth:`_live`."""
         self._send_call = guard.send_call
         self.asynchronous = inspect.iscoroutinefunction(server.emit)
         """An ``AsyncServer`` (``False``: the synchronous ``socketio.Server``)."""
@@ -173,14 +177,14 @@ class SocketIOGuard:
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         message = _event(*args, **kwargs)
-        event = message.event
-        kind = event if event.__class__ is str else None
         if message.passing:
             args, kwargs = self._passed(message, args, kwargs)
+            kind = message.event if isinstance(message.event, str) else None
             await self._send_call(None, message, wrapped, args, kwargs, _unchanged, kind)
-        else:  # (one bound method for every emit, not a closure per emit: this path is hot)
+        else:  # (one bound method for every emit, not a closure per emit; the event type is
+            # read from the message, SocketEvent.type, when a record needs it: this path is hot)
             thread = (message.namespace, message.room)
-            await self._send_call(thread, message, self._deliver, (message,), {}, _one, kind)
+            await self._send_call(thread, message, self._deliver, (message,), {}, _one)
 
     def _emit_sync(
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -262,18 +266,26 @@ class SocketIOGuard:
         return True
 
     def _live(self, namespace: str, room: Any) -> bool:
-        """Whether the room has a member whose Engine.IO session is live."""
+        """Whether the room has a member whose Engine.IO session is live: the member's socket
+        found live last time while it is still open, else a look at every member."""
+        socket = self._carriers.get((namespace, room))
+        if socket is not None and not socket.closed:
+            return True
+        return self._scan(namespace, room)
+
+    def _scan(self, namespace: str, room: Any) -> bool:
         server = self.server
         members = server.manager.rooms.get(namespace, _NO_ROOMS).get(room)  # sid <-> eio sid
-        if members is None:
-            return False
-        sockets = server.eio.sockets
-        # A room is a bidict; python-socketio reads its forward dict (``_fwdm``) itself, and
-        # so do we: its values are the eio sids, at a fraction of the bidict's own cost.
-        for eio_sid in getattr(members, "_fwdm", members).values():
-            socket = sockets.get(eio_sid)
-            if socket is not None and not socket.closed:
-                return True
+        if members is not None:
+            sockets = server.eio.sockets
+            # A room is a bidict; python-socketio reads its forward dict (``_fwdm``) itself,
+            # and so do we: its values are the eio sids, at a fraction of the bidict's cost.
+            for eio_sid in getattr(members, "_fwdm", members).values():
+                socket = sockets.get(eio_sid)
+                if socket is not None and not socket.closed:
+                    self._carriers[(namespace, room)] = socket
+                    return True
+        self._carriers.pop((namespace, room), None)
         return False
 
     # ------------------------------------------------------------ rooms
@@ -297,6 +309,7 @@ class SocketIOGuard:
         self, wrapped: Any, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         sid, namespace, room = _room_call(args, kwargs)
+        self._carriers.pop((namespace, room), None)
         if self.recovery and room is not None:
             self.sessions.left(namespace, sid, room, instance.is_connected(sid, namespace))
         result = wrapped(*args, **kwargs)
