@@ -404,3 +404,38 @@ async def test_a_connect_handler_that_refuses_gets_no_replay() -> None:
         await observer.disconnect()
     adapter.unguard()
     await adapter.guard.aclose()
+
+
+async def test_a_member_that_leaves_is_not_taken_for_a_live_one() -> None:
+    """The liveness check remembers a live member's socket per room: once the member leaves
+    (its socket still open), an emit to the room that is empty now is kept, not counted
+    delivered; once it is back in the room, what was kept is delivered."""
+    sio = socketio.AsyncServer(async_mode="asgi")
+    guarded = guard_server(sio, retry_backoff=(), ready_timeout=0.1)
+
+    @sio.event
+    async def join(sid: str, room: str) -> None:
+        await sio.enter_room(sid, room)
+
+    @sio.event
+    async def leave(sid: str, room: str) -> None:
+        await sio.leave_room(sid, room)
+
+    async with running(sio) as url:
+        got: list[int] = []
+        c = client()
+        c.on("token", got.append)
+        await c.connect(url, transports=["websocket"])
+        await c.call("join", "r1")
+        await sio.emit("token", 1, to="r1")  # delivered: its socket is remembered
+        await until(lambda: got == [1])
+        await c.call("leave", "r1")
+        sio.manager.basic_enter_room("ghost", "/", "r1", eio_sid="gone")  # a member with no
+        await sio.emit("token", 2, to="r1")  # live socket: the room is not empty, yet dead
+        assert guarded.guard.stats().pending_total == 1
+        sio.manager.basic_leave_room("ghost", "/", "r1")
+        await c.call("join", "r1")
+        await until(lambda: got == [1, 2])
+        await c.disconnect()
+    guarded.unguard()
+    await guarded.guard.aclose()
