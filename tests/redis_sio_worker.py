@@ -2,9 +2,9 @@
 ``AsyncServer`` on a shared Redis outbox, with recovery.
 
     socket.io event "join" <room>     the client enters the room (answers True)
-    POST /emit {"room", "count", "start", "interval"}
-                                      an agent in this worker: emits "tick" {"n": start + i}
-                                      to the room, i = 0 .. count-1
+    POST /emit {"room", "count", "start", "interval", "event"}
+                                      an agent in this worker: emits <event> (default "tick")
+                                      {"n": start + i} to the room, i = 0 .. count-1
     GET /emitted                      {room: emits done} so far
 
 Run: ``python tests/redis_sio_worker.py <redis url> <port> <max_disconnection_duration>``;
@@ -38,16 +38,22 @@ def build(url: str, away: float) -> Any:
         await sio.enter_room(sid, room)
         return True
 
-    async def agent(room: str, count: int, start: int, interval: float) -> None:
+    async def agent(room: str, count: int, start: int, interval: float, event: str) -> None:
         for n in range(start, start + count):
-            await sio.emit("tick", {"n": n}, to=room)
+            await sio.emit(event, {"n": n}, to=room)
             emitted[room] = emitted.get(room, 0) + 1
             await asyncio.sleep(interval)
 
     async def emit(request: Request) -> JSONResponse:
         order = await request.json()
         task = asyncio.create_task(
-            agent(order["room"], order["count"], order.get("start", 0), order.get("interval", 0.0))
+            agent(
+                order["room"],
+                order["count"],
+                order.get("start", 0),
+                order.get("interval", 0.0),
+                order.get("event", "tick"),
+            )
         )
         agents.add(task)
         task.add_done_callback(agents.discard)
