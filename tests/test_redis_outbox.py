@@ -313,3 +313,44 @@ async def test_what_a_resuming_client_got_from_the_replay_is_recorded_once(
     finally:
         await agent.aclose()
         await socket_worker.aclose()
+
+
+async def test_what_one_worker_handed_over_is_not_recorded_again_by_another(
+    redis_server: RedisServer,
+):
+    """A worker hands entries 1 and 2 to its socket and is retrying 3 (its socket is dying)
+    when the client, which got only 1, resumes on another worker: the first worker's records
+    of 1 and 2 and the second's record of what it replayed and nobody had handed over (3)
+    make one record per entry; 2 is not recorded twice."""
+    got: list[tuple[str, int]] = []
+
+    def deliverer(name: str) -> Any:
+        async def deliver(thread_id: str, message: Any) -> bool:
+            if name == "first" and message["seq"] == 3:
+                return False  # the socket is going: retried with backoff
+            got.append((name, message["seq"]))
+            return True
+
+        return deliver
+
+    options: dict[str, Any] = {"stamp_seq": "seq", "retry_backoff": (0.5, 0.5)}
+    first = Guard(outbox=redis_server.url, deliver=deliverer("first"), name="first", **options)
+    second = Guard(outbox=redis_server.url, deliver=deliverer("second"), name="second", **options)
+    try:
+        first.mark_connected("t")
+        for n in range(3):
+            assert await first.send("t", {"n": n}, deliver=_unused)
+        await eventually(lambda: got == [("first", 1), ("first", 2)])
+        await asyncio.sleep(0.1)  # the first worker is retrying seq 3
+        async with second.hold("t"):  # the client had seq 1 only
+            replay = await second.areplay("t", 1)
+            assert [seq for seq, _ in replay.messages] == [2, 3]
+            second.mark_connected("t")
+        first.mark_disconnected("t")
+        assert await first.drain(2.0) == 0
+        assert await second.drain(2.0) == 0
+        flushed = first.stats().outcomes[Outcome.FLUSHED], second.stats().outcomes[Outcome.FLUSHED]
+        assert flushed == (2, 1)  # 1 and 2 by the first worker, 3 by the second: once each
+    finally:
+        await first.aclose()
+        await second.aclose()

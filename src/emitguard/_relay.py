@@ -80,12 +80,18 @@ class _Item:
 class _Here:
     """A thread with a connection in this process: where its delivery stands."""
 
-    __slots__ = ("cursor", "epoch", "since", "task", "thread_id", "wake")
+    __slots__ = ("cursor", "epoch", "pending", "settling", "since", "task", "thread_id", "wake")
 
     def __init__(self, thread_id: str) -> None:
         self.thread_id = thread_id
         self.epoch: str | None = None
         self.cursor = 0
+        self.pending: list[Emission] = []
+        """Records of entries handed over here, noted once the log's delivered mark says no
+        other process recorded them (:meth:`Relay._settle_handed`)."""
+        self.settling = asyncio.Lock()
+        """One settle at a time: a later one must not move the mark past an earlier one's
+        records before it has read the mark."""
         self.since = time.monotonic()
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -135,6 +141,9 @@ class Relay:
         self._listener: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping: set[asyncio.Task[Any]] = set()
+        """Deliveries of threads that left, and settles of handed-over records, still
+        running (``drain`` waits for them)."""
         self.closed = False
 
     # ------------------------------------------------------------------ sending
@@ -323,7 +332,9 @@ class Relay:
 
         def stop() -> None:
             if here.task is not None:
-                here.task.cancel()
+                here.task.cancel()  # (it settles what it handed over as it ends: drain waits)
+                self._stopping.add(here.task)
+                here.task.add_done_callback(self._stopping.discard)
             if not self.closed:
                 self._spawn(self._left(thread_id))
 
@@ -352,6 +363,13 @@ class Relay:
 
     async def _delivering(self, here: _Here) -> None:
         """Hand the thread's log to this process's send, from its cursor, in order, once."""
+        try:
+            await self._deliver_log(here)
+        finally:
+            if here.pending:  # stopped (left, closed, cancelled) with records to settle
+                await self._settled(here)
+
+    async def _deliver_log(self, here: _Here) -> None:
         thread_id, shared = here.thread_id, self.shared
         failures = 0
         self._ensure_background()
@@ -370,6 +388,7 @@ class Relay:
         replayed = self._replayed.pop(thread_id, None)
         if replayed is not None and replayed[0] == here.epoch and replayed[1] > delivered:
             await self._replayed_here(here, replayed[1])
+            await self._settled(here)
         failures = 0
         # (checked on every round as well as cancelled: on Python 3.11, asyncio.wait_for loses
         # a cancellation that comes as the event it waits for is set, and close() then waited
@@ -400,9 +419,7 @@ class Relay:
             for stored in rows:
                 if not await self._hand(here, stored):
                     break
-            if here.cursor > start and here.epoch is not None:
-                with contextlib.suppress(*self._errors):
-                    await shared.advance(thread_id, here.epoch, here.cursor)
+            await self._settled(here)
             if len(rows) == _BATCH and here.cursor > start:
                 continue
             # read the log every few ms until the listener follows the thread's notices, in
@@ -434,16 +451,9 @@ class Relay:
             for stored in rows:
                 if stored.seq > upto:
                     break
-                message = stamped(self._stamp, stored.message, stored.seq, here.epoch or "")
-                why = "replayed from the shared log to the client resuming here"
-                self._recorder.note(
-                    self._recorder.make(
-                        Outcome.FLUSHED,
-                        thread_id,
-                        stored.seq,
-                        message,
-                        why,
-                        created_at=stored.created_at,
+                here.pending.append(
+                    self._replayed_record(
+                        thread_id, here.epoch, stored.seq, stored.message, stored.created_at
                     )
                 )
                 here.cursor = stored.seq
@@ -451,9 +461,24 @@ class Relay:
                 continue
             break
         here.cursor = max(here.cursor, upto)
-        if here.epoch is not None:
-            with contextlib.suppress(*self._errors):
-                await shared.advance(thread_id, here.epoch, here.cursor)
+
+    def _replayed_record(
+        self,
+        thread_id: str,
+        epoch: str | None,
+        seq: int,
+        message: Any,
+        created_at: float | None = None,
+    ) -> Emission:
+        """The FLUSHED record of an entry a client resuming here got from the replay."""
+        return self._recorder.make(
+            Outcome.FLUSHED,
+            thread_id,
+            seq,
+            stamped(self._stamp, message, seq, epoch or ""),
+            "replayed from the shared log to the client resuming here",
+            created_at=created_at,
+        )
 
     async def _hand(self, here: _Here, stored: Stored) -> bool:
         """Deliver one entry with retries; False when it is still not delivered."""
@@ -474,6 +499,10 @@ class Relay:
             verdict, failure = await self._attempt(thread_id, seq, epoch, message)
             if verdict is not Verdict.RETRY:
                 break
+            if attempts == 1:
+                # What this batch delivered so far is settled at once, not after the retries:
+                # a client resuming elsewhere meanwhile must find the log's mark past it.
+                await self._settled(here)
             if attempts > len(backoff):
                 log.warning("emitguard: %s seq %d: %s; kept in the log", thread_id, seq, failure)
                 return False
@@ -489,9 +518,45 @@ class Relay:
             attempts=attempts,
             created_at=stored.created_at,
         )
-        self._recorder.note(record)
+        here.pending.append(record)
         here.cursor = seq
         return True
+
+    async def _settled(self, here: _Here) -> None:
+        """:meth:`_settle_handed`, carried through if the delivery is cancelled meanwhile
+        (the thread left): cancelled between its advance of the log's mark and its records,
+        the mark would say they were made elsewhere. ``drain`` waits for it."""
+        task = asyncio.ensure_future(self._settle_handed(here))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        await asyncio.shield(task)
+
+    async def _settle_handed(self, here: _Here) -> None:
+        """Move the log's delivered mark past the entries handed over here, and note the
+        records of those no other process had recorded: a worker that resumed a client
+        recorded what it replayed and moved the mark (one record per entry, whichever
+        process makes it). The records are taken off ``here.pending`` first, so two settles
+        never weigh the same record; while the log cannot be reached they go back for the
+        next try; a log in another epoch or gone: they are noted as they are."""
+        async with here.settling:
+            await self._settle_now(here)
+
+    async def _settle_now(self, here: _Here) -> None:
+        if not here.pending:
+            return
+        pending, here.pending = here.pending, []
+        seen: int | None = None
+        if here.epoch is not None:
+            try:
+                seen = await self.shared.advance(here.thread_id, here.epoch, pending[-1].seq)
+            except self._errors as exc:
+                if self._serving(here):
+                    self._went_down(exc)
+                    here.pending[:0] = pending
+                    return
+        for record in pending:
+            if seen is None or record.seq > seen:
+                self._recorder.note(record)
 
     async def _attempt(
         self, thread_id: str, seq: int, epoch: str, message: Any
@@ -601,7 +666,27 @@ class Relay:
 
     async def replay(self, thread_id: str, after: int, epoch: str | None) -> Replay:
         found = await self.shared.replay(thread_id, after, epoch)
+        if found.complete and found.messages and thread_id not in self._here:
+            await self._resumed(thread_id, found)
         return self._replayed_to(thread_id, found)
+
+    async def _resumed(self, thread_id: str, found: Replay) -> None:
+        """A client resumes here with ``found``: what in it no process had delivered yet is
+        recorded FLUSHED now, and the log's delivered mark moves past it (the client may be
+        gone again before a delivery of the thread starts here to do it)."""
+        epoch, newest = found.epoch, found.messages[-1][0]
+        if epoch is None:
+            return
+        try:
+            seen = await self.shared.advance(thread_id, epoch, newest)
+        except self._errors as exc:
+            self._went_down(exc)
+            return  # the delivery that starts here next records it (_replayed_here)
+        if seen is None:
+            return
+        for seq, message in found.messages:
+            if seq > seen:
+                self._recorder.note(self._replayed_record(thread_id, epoch, seq, message))
 
     def replay_sync(self, thread_id: str, after: int, epoch: str | None) -> Replay:
         found = self.shared.replay_sync(thread_id, after, epoch)
@@ -654,6 +739,10 @@ class Relay:
         pumps = list(self._pumps.values())
         if pumps:
             await asyncio.wait(pumps, timeout=max(deadline - time.monotonic(), 0))
+        for here in list(self._here.values()):  # what was handed over here gets its record
+            await self._settled(here)
+        if self._stopping:
+            await asyncio.wait(list(self._stopping), timeout=max(deadline - time.monotonic(), 0))
         return self.local
 
     async def close(self) -> None:

@@ -68,14 +68,14 @@ a new epoch (used only when the meta hash is missing), MAXLEN, expiry of the log
 notice channel, expiry of the dedupe key (ms). Returns ``{"<epoch>:<seq>", duplicate}``."""
 
 ADVANCE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[2] then return -1 end
 local seen = tonumber(redis.call('HGET', KEYS[1], 'delivered') or '0')
 if tonumber(ARGV[1]) > seen then redis.call('HSET', KEYS[1], 'delivered', ARGV[1]) end
-return 1
+return seen
 """
 """KEYS: meta. ARGV: seq, epoch. Raise ``delivered`` (never lower it, never in another epoch,
-never create the hash)."""
+never create the hash); returns the mark it found (-1: no log, or another epoch)."""
 
 RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -283,10 +283,13 @@ class RedisOutbox(Outbox):
         )
         return epoch, int(seq or 0), int(delivered or 0)
 
-    async def advance(self, thread_id: Hashable, epoch: str, seq: int) -> None:
-        """Note that a connection of the thread was handed everything up to ``seq``."""
+    async def advance(self, thread_id: Hashable, epoch: str, seq: int) -> int | None:
+        """Note that a connection of the thread was handed everything up to ``seq``. Returns
+        the mark before (entries up to it were handed over already, by whichever process:
+        their records are made), or ``None`` when the log has another epoch or none."""
         self.client  # noqa: B018 - makes the scripts
-        await self._advance(keys=[self.key(thread_id, "meta")], args=[seq, epoch])
+        seen = int(await self._advance(keys=[self.key(thread_id, "meta")], args=[seq, epoch]))
+        return None if seen < 0 else seen
 
     # ---------------------------------------------------------------- replay
 
