@@ -111,6 +111,7 @@ FEATURES: dict[str, tuple[str, ...]] = {
     "adapters/emitguard_adapters/_sio_client.py": (),
     "adapters/emitguard_adapters/_sio_patch.py": (),
     "adapters/emitguard_adapters/_sio_recovery.py": (),
+    "adapters/emitguard_adapters/_sio_shared.py": (),
     "adapters/emitguard_adapters/channels.py": ("channels",),
     "adapters/emitguard_adapters/_channels_layer.py": ("channels",),
     "adapters/emitguard_adapters/socket_demo.py": ("demo",),
