@@ -81,12 +81,18 @@ class Sessions:
 
     # ------------------------------------------------------------ offsets
 
-    def number(self, message: SocketEvent) -> None:
-        """Give a recoverable event its offset (once: a retried write keeps it)."""
-        if not message.written:
+    def number(self, message: SocketEvent) -> Any:
+        """Give a recoverable event its offset (once: a retried write keeps it); returns
+        what to write, :meth:`SocketEvent.wire` (inlined: once per emit)."""
+        offset = message.offset
+        if not offset:
             self.written = number = self.written + 1
             message.written = number
-            message.offset = f"{self.epoch}.{number}"
+            message.offset = offset = f"{self.epoch}.{number}"
+        data = message.data
+        if isinstance(data, tuple):
+            return (*data, offset)
+        return (offset,) if data is None else (data, offset)
 
     def next_offset(self) -> str:
         """An offset for an event that is not kept for replay (a broadcast)."""

@@ -244,8 +244,8 @@ class SocketIOGuard:
         if self.confirm and not self._live(namespace, room):
             return False
         if self.recovery:
-            self.sessions.number(message)  # (no await before the write: offsets follow it)
-            data = message.wire()
+            data = self.sessions.number(message)  # (no await before the write: offsets
+            # follow the write order)
         else:
             data = message.data
         if message.ignore_queue:

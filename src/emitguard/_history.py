@@ -68,21 +68,29 @@ class ReplayWindow:
             kept = threads.get(thread_id)
             if kept is None:
                 kept = threads[thread_id] = _Kept()
+                self._count += 1
             else:
                 threads.move_to_end(thread_id)
-            messages = kept.messages
-            if len(messages) < self.size:
-                self._count += 1
-            else:  # full: its oldest falls out (one in, one out)
-                gone = messages.popleft()[0]
-                if gone > kept.floor:
-                    kept.floor = gone
-            messages.append((seq, message))
+                messages = kept.messages
+                if len(messages) < self.size:
+                    self._count += 1
+                else:  # full: its oldest falls out (one in, one out)
+                    gone = messages[0][0]
+                    messages.popleft()
+                    if gone > kept.floor:
+                        kept.floor = gone
+            kept.messages.append((seq, message))
             if seq > kept.latest:
                 kept.latest = seq
-            while self._count > self.total:
-                oldest, victim = next(iter(threads.items()))
-                self._drop_oldest(oldest, victim)
+            if self._count > self.total:
+                self._trim()
+
+    def _trim(self) -> None:
+        """Past ``total``: the threads written to least recently lose their oldest first."""
+        threads = self._threads
+        while self._count > self.total:
+            oldest, victim = next(iter(threads.items()))
+            self._drop_oldest(oldest, victim)
 
     def _drop_oldest(self, thread_id: Any, kept: _Kept) -> None:
         seq, _ = kept.messages.popleft()
