@@ -121,6 +121,7 @@ async def test_guard_on_redis_delivers_in_order_and_replays(
         assert replay.complete
         assert [seq for seq, _ in replay.messages] == [5, 6]
         assert guard.replay("t", 4, epoch="other").complete is False
+        assert await guard.drain(1.0) == 0  # (a delivery's record follows the log's mark)
         stats = guard.stats()
         assert stats.backend["redis"] == "up"
         assert stats.outcomes[Outcome.FLUSHED] == 6
@@ -307,6 +308,7 @@ async def test_what_a_resuming_client_got_from_the_replay_is_recorded_once(
         await eventually(lambda: socket_worker.stats().outcomes[Outcome.FLUSHED] == 3)
         assert await agent.send("t", {"n": 3}, deliver=_unused)
         await eventually(lambda: got == [4])  # the replayed three are not handed over again
+        assert await socket_worker.drain(1.0) == 0  # (its record follows the log's mark)
         flushed = [agent.stats().outcomes, socket_worker.stats().outcomes]
         assert sum(outcomes[Outcome.FLUSHED] for outcomes in flushed) == 4
         assert agent.stats().outcomes[Outcome.BUFFERED] == 4

@@ -11,7 +11,10 @@ With a shared backend every emission goes through the thread's log, wherever it 
 - **Delivering** (the processes holding a connection of the thread): each keeps a cursor per
   thread and hands every entry after it to its own send, in seq order, once. It learns of new
   entries from pub/sub notices, and reads the log on every notice, on a poll, and after its
-  pub/sub connection comes back, so a lost notice only delays.
+  pub/sub connection comes back, so a lost notice only delays. An entry's terminal record is
+  made by whichever process moves the log's delivered mark past it (one that handed it over,
+  or one a client resumed on and got it from the replay), once the mark has moved: one per
+  entry.
 
 Entries hold data only. The send that delivers is the guard's ``deliver(thread_id, message)``
 when it was given one, else the last send this process saw for the thread, rebound to the
