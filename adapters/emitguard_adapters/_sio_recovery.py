@@ -83,16 +83,12 @@ class Sessions:
 
     def number(self, message: SocketEvent) -> Any:
         """Give a recoverable event its offset (once: a retried write keeps it); returns
-        what to write, :meth:`SocketEvent.wire` (inlined: once per emit)."""
-        offset = message.offset
-        if not offset:
+        what to write (:meth:`SocketEvent.wire`)."""
+        if not message.offset:
             self.written = number = self.written + 1
             message.written = number
-            message.offset = offset = f"{self.epoch}.{number}"
-        data = message.data
-        if isinstance(data, tuple):
-            return (*data, offset)
-        return (offset,) if data is None else (data, offset)
+            message.offset = f"{self.epoch}.{number}"
+        return message.wire()
 
     def next_offset(self) -> str:
         """An offset for an event that is not kept for replay (a broadcast)."""
