@@ -356,3 +356,33 @@ async def test_what_one_worker_handed_over_is_not_recorded_again_by_another(
     finally:
         await first.aclose()
         await second.aclose()
+
+
+async def test_a_replay_read_elsewhere_does_not_move_what_another_worker_delivers(
+    redis_server: RedisServer,
+):
+    """Reading a thread's replay (a worker checking whether a client can recover) is a
+    query: another worker that the thread is then associated on still delivers everything
+    nobody has delivered, from the log's delivered mark."""
+    got: list[int] = []
+
+    async def deliver(thread_id: str, message: Any) -> None:
+        got.append(message["seq"])
+
+    agent = Guard(outbox=redis_server.url, stamp_seq="seq", name="agent")
+    checker = Guard(outbox=redis_server.url, stamp_seq="seq", name="checker")
+    socket_worker = Guard(outbox=redis_server.url, deliver=deliver, stamp_seq="seq", name="b")
+    try:
+        for n in range(3):  # nobody connected anywhere
+            assert await agent.send("t", {"n": n}, deliver=_unused)
+        replay = await checker.areplay("t", 0)  # only looked at, never handed to anyone
+        assert [seq for seq, _ in replay.messages] == [1, 2, 3]
+        socket_worker.mark_connected("t")
+        await eventually(lambda: got == [1, 2, 3])
+        assert await socket_worker.drain(1.0) == 0
+        assert socket_worker.stats().outcomes[Outcome.FLUSHED] == 3
+        assert checker.stats().outcomes[Outcome.FLUSHED] == 0
+    finally:
+        await agent.aclose()
+        await checker.aclose()
+        await socket_worker.aclose()

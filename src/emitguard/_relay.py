@@ -83,7 +83,17 @@ class _Item:
 class _Here:
     """A thread with a connection in this process: where its delivery stands."""
 
-    __slots__ = ("cursor", "epoch", "pending", "settling", "since", "task", "thread_id", "wake")
+    __slots__ = (
+        "begun",
+        "cursor",
+        "epoch",
+        "pending",
+        "settling",
+        "since",
+        "task",
+        "thread_id",
+        "wake",
+    )
 
     def __init__(self, thread_id: str) -> None:
         self.thread_id = thread_id
@@ -96,6 +106,9 @@ class _Here:
         """One settle at a time: a later one must not move the mark past an earlier one's
         records before it has read the mark."""
         self.since = time.monotonic()
+        self.begun = asyncio.Event()
+        """Set once the delivery has its cursor and has recorded what a replay here gave the
+        client (``drain`` waits for it)."""
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -338,6 +351,10 @@ class Relay:
                 here.task.cancel()  # (it settles what it handed over as it ends: drain waits)
                 self._stopping.add(here.task)
                 here.task.add_done_callback(self._stopping.discard)
+            if thread_id in self._replayed and not self.closed:  # its delivery never began
+                settle = self._spawn(self._unconsumed_replay(here))
+                self._stopping.add(settle)
+                settle.add_done_callback(self._stopping.discard)
             if not self.closed:
                 self._spawn(self._left(thread_id))
 
@@ -369,6 +386,7 @@ class Relay:
         try:
             await self._deliver_log(here)
         finally:
+            here.begun.set()
             if here.pending:  # stopped (left, closed, cancelled) with records to settle
                 await self._settled(here)
 
@@ -392,6 +410,7 @@ class Relay:
         if replayed is not None and replayed[0] == here.epoch and replayed[1] > delivered:
             await self._replayed_here(here, replayed[1])
             await self._settled(here)
+        here.begun.set()
         failures = 0
         # (checked on every round as well as cancelled: on Python 3.11, asyncio.wait_for loses
         # a cancellation that comes as the event it waits for is set, and close() then waited
@@ -437,6 +456,26 @@ class Relay:
     def _serving(self, here: _Here) -> bool:
         """Whether ``here`` still delivers: the relay is open and the thread still here."""
         return not self.closed and self._here.get(here.thread_id) is here
+
+    async def _unconsumed_replay(self, here: _Here) -> None:
+        """The connection a client resumed on went before the thread's delivery here began
+        (a task cancelled before its first step runs nothing): what the client got from the
+        replay still gets its records (:meth:`_replayed_here`)."""
+        thread_id = here.thread_id
+        replayed = self._replayed.get(thread_id)
+        if replayed is None or thread_id in self._here:  # (a new delivery will take it)
+            return
+        del self._replayed[thread_id]
+        try:
+            epoch, _, delivered = await self.shared.position(thread_id)
+        except self._errors as exc:
+            self._went_down(exc)
+            return
+        if epoch is None or epoch != replayed[0] or replayed[1] <= delivered:
+            return
+        here.epoch, here.cursor = epoch, delivered
+        await self._replayed_here(here, replayed[1])
+        await self._settled(here)
 
     async def _replayed_here(self, here: _Here, upto: int) -> None:
         """A client resuming here got the log up to ``upto`` from the replay: the entries no
@@ -669,27 +708,7 @@ class Relay:
 
     async def replay(self, thread_id: str, after: int, epoch: str | None) -> Replay:
         found = await self.shared.replay(thread_id, after, epoch)
-        if found.complete and found.messages and thread_id not in self._here:
-            await self._resumed(thread_id, found)
         return self._replayed_to(thread_id, found)
-
-    async def _resumed(self, thread_id: str, found: Replay) -> None:
-        """A client resumes here with ``found``: what in it no process had delivered yet is
-        recorded FLUSHED now, and the log's delivered mark moves past it (the client may be
-        gone again before a delivery of the thread starts here to do it)."""
-        epoch, newest = found.epoch, found.messages[-1][0]
-        if epoch is None:
-            return
-        try:
-            seen = await self.shared.advance(thread_id, epoch, newest)
-        except self._errors as exc:
-            self._went_down(exc)
-            return  # the delivery that starts here next records it (_replayed_here)
-        if seen is None:
-            return
-        for seq, message in found.messages:
-            if seq > seen:
-                self._recorder.note(self._replayed_record(thread_id, epoch, seq, message))
 
     def replay_sync(self, thread_id: str, after: int, epoch: str | None) -> Replay:
         found = self.shared.replay_sync(thread_id, after, epoch)
@@ -743,6 +762,8 @@ class Relay:
         if pumps:
             await asyncio.wait(pumps, timeout=max(deadline - time.monotonic(), 0))
         for here in list(self._here.values()):  # what was handed over here gets its record
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(here.begun.wait(), max(deadline - time.monotonic(), 0))
             await self._settled(here)
         if self._stopping:
             await asyncio.wait(list(self._stopping), timeout=max(deadline - time.monotonic(), 0))
