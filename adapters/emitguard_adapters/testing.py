@@ -13,8 +13,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from typing import Any
 
 import uvicorn
@@ -141,6 +143,50 @@ def bound_socket(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
+_live: list[uvicorn.Server] = []
+"""The servers :func:`serve` runs in the main thread, oldest first."""
+_before: dict[int, Any] = {}
+"""The signal handlers the process had before the first of them."""
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, whose signal handlers stay right when servers overlap.
+
+    Each ``uvicorn.Server`` points SIGINT and SIGTERM at its own ``handle_exit`` while it
+    runs and puts back what it found when it ends. Two servers that overlap and end in the
+    order they started leave the first one's handler installed for good: Ctrl+C then goes to
+    a server that has exited instead of interrupting the process, and code that finds "the
+    server" through that handler (sse-starlette does) sees one that is shutting down. Here
+    the handler is always the newest live server's, and the process's own again when the
+    last one ends.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        if not _live:
+            _before.update({sig: signal.getsignal(sig) for sig in _SIGNALS})
+        _live.append(self)
+        _point_signals()
+        try:
+            yield
+        finally:
+            _live.remove(self)
+            _point_signals()
+        for captured in reversed(self._captured_signals):  # as uvicorn does: a signal this
+            signal.raise_signal(captured)  # server took for its shutdown goes on to the next
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _point_signals() -> None:
+    for sig in _SIGNALS:
+        signal.signal(sig, _live[-1].handle_exit if _live else _before[sig])
+
+
 @contextlib.asynccontextmanager
 async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
     """Run ``app`` under uvicorn on 127.0.0.1 in the running loop; yields ``host:port``.
@@ -155,7 +201,7 @@ async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
     options.setdefault("log_level", "warning")
     options.setdefault("lifespan", "off")
     config = uvicorn.Config(app, **options)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 from typing import Any
 
@@ -74,3 +75,20 @@ async def test_a_server_that_fails_to_start_raises() -> None:
         with pytest.raises(RuntimeError, match="cannot load the app"):
             async with testing.serve(broken):
                 pass
+
+
+async def test_overlapping_servers_leave_the_process_its_own_signal_handlers() -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    first = testing.serve(APP)
+    second = testing.serve(APP)
+    await first.__aenter__()
+    await second.__aenter__()
+    live = signal.getsignal(signal.SIGTERM)
+    assert getattr(live, "__self__", None) is not None  # the newest server takes the signal
+    await first.__aexit__(None, None, None)  # they end in the order they started
+    assert signal.getsignal(signal.SIGTERM) == live  # the live one still takes it
+    await second.__aexit__(None, None, None)
+    # (uvicorn's own server would leave the first one's handler here: a server that exited)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert signal.getsignal(signal.SIGINT) is not live  # Ctrl+C interrupts the process again
+
