@@ -386,3 +386,39 @@ async def test_a_replay_read_elsewhere_does_not_move_what_another_worker_deliver
         await agent.aclose()
         await checker.aclose()
         await socket_worker.aclose()
+
+
+async def test_a_peek_at_a_replay_does_not_move_this_workers_next_delivery(
+    redis_server: RedisServer,
+):
+    """A worker that only looked at a thread's replay (``peek=True``: python-socketio's
+    recovery checks that every room can be recovered before it hands anything over) still
+    delivers everything nobody has delivered when the thread is associated here next; a
+    replay handed to a client (the default) is not delivered to it again."""
+    got: list[int] = []
+
+    async def deliver(thread_id: str, message: Any) -> None:
+        got.append(message["seq"])
+
+    agent = Guard(outbox=redis_server.url, stamp_seq="seq", name="agent")
+    worker = Guard(outbox=redis_server.url, deliver=deliver, stamp_seq="seq", name="worker")
+    try:
+        for n in range(3):  # nobody connected anywhere
+            assert await agent.send("t", {"n": n}, deliver=_unused)
+        replay = await worker.areplay("t", 0, peek=True)
+        assert [seq for seq, _ in replay.messages] == [1, 2, 3]
+        worker.mark_connected("t")
+        await eventually(lambda: got == [1, 2, 3])
+        assert await worker.drain(1.0) == 0
+        assert worker.stats().outcomes[Outcome.FLUSHED] == 3
+
+        worker.mark_disconnected("t")
+        assert await agent.send("t", {"n": 3}, deliver=_unused)
+        handed = await worker.areplay("t", 3)  # handed to a resuming client: not again
+        assert [seq for seq, _ in handed.messages] == [4]
+        worker.mark_connected("t")
+        assert await agent.send("t", {"n": 4}, deliver=_unused)
+        await eventually(lambda: got == [1, 2, 3, 5])
+    finally:
+        await agent.aclose()
+        await worker.aclose()

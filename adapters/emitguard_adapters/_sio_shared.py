@@ -321,14 +321,18 @@ class SharedSessions:
         return True
 
     async def _covered(self, namespace: str, session: SharedSession) -> bool:
-        return await self._replays(namespace, session) is not None
+        # (a look: this worker's next delivery of the rooms must not skip what it read)
+        return await self._replays(namespace, session, peek=True) is not None
 
-    async def _replays(self, namespace: str, session: SharedSession) -> list[Any] | None:
+    async def _replays(
+        self, namespace: str, session: SharedSession, *, peek: bool = False
+    ) -> list[Any] | None:
         guard = self.adapter.guard
         found = []
         for room, spot in session.rooms.items():
             after = session.seen[spot.slot]
-            replay = await guard.areplay(room_thread(namespace, room), after, spot.epoch)
+            thread = room_thread(namespace, room)
+            replay = await guard.areplay(thread, after, spot.epoch, peek=peek)
             if not replay.complete:
                 return None
             found.append((room, replay))

@@ -706,19 +706,19 @@ class Relay:
 
     # ------------------------------------------------------------------ queries
 
-    async def replay(self, thread_id: str, after: int, epoch: str | None) -> Replay:
+    async def replay(self, thread_id: str, after: int, epoch: str | None, peek: bool) -> Replay:
         found = await self.shared.replay(thread_id, after, epoch)
-        return self._replayed_to(thread_id, found)
+        return self._replayed_to(thread_id, found, peek)
 
-    def replay_sync(self, thread_id: str, after: int, epoch: str | None) -> Replay:
+    def replay_sync(self, thread_id: str, after: int, epoch: str | None, peek: bool) -> Replay:
         found = self.shared.replay_sync(thread_id, after, epoch)
-        return self._replayed_to(thread_id, found)
+        return self._replayed_to(thread_id, found, peek)
 
-    def _replayed_to(self, thread_id: str, found: Replay) -> Replay:
-        """The replay's messages stamped as live ones are; and a delivery that starts here
-        next starts after what it handed over (one already running goes on from its cursor:
-        its readers skip what they replayed)."""
-        if thread_id not in self._here:
+    def _replayed_to(self, thread_id: str, found: Replay, peek: bool) -> Replay:
+        """The replay's messages stamped as live ones are; and, unless it was only a look
+        (``peek``), a delivery that starts here next starts after what it handed over (one
+        already running goes on from its cursor: its readers skip what they replayed)."""
+        if not peek and thread_id not in self._here:
             self._replayed[thread_id] = (found.epoch, found.latest)
         if self._stamp is None or not found.messages:
             return found

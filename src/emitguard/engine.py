@@ -372,10 +372,16 @@ class Guard:
 
     # ------------------------------------------------------------- replay
 
-    def replay(self, thread_id: Hashable, after: int, epoch: str | None = None) -> Replay:
+    def replay(
+        self, thread_id: Hashable, after: int, epoch: str | None = None, *, peek: bool = False
+    ) -> Replay:
         """What a client that last saw ``seq == after`` missed of the thread's delivered
         messages, from the replay window (option ``history``). Call it inside :meth:`hold`
         so that no send slips in between the replay and the client's attachment.
+
+        The replay is taken as handed to a client: with a shared backend, the thread's next
+        delivery in this process starts after it (the client has it already). ``peek=True``
+        only looks (whether a client could resume, say): nothing is taken as handed over.
 
         With a shared backend (Redis) the window is the thread's log, on every worker, and
         ``epoch`` is the one of the client's cursor (``Replay.epoch``): another epoch means
@@ -383,7 +389,7 @@ class Guard:
         async code prefers :meth:`areplay`."""
         check_thread_id(thread_id)
         if self._relay is not None:
-            return self._relay.replay_sync(str(thread_id), after, epoch)
+            return self._relay.replay_sync(str(thread_id), after, epoch, peek)
         if self._window is None:
             raise ValueError("replay() needs a replay window: build the guard with history=N")
         slot = self._table.get(thread_id)
@@ -398,12 +404,14 @@ class Guard:
             return slot.seq
         return self._window.latest(thread_id) if self._window is not None else 0
 
-    async def areplay(self, thread_id: str, after: int, epoch: str | None = None) -> Replay:
+    async def areplay(
+        self, thread_id: str, after: int, epoch: str | None = None, *, peek: bool = False
+    ) -> Replay:
         """:meth:`replay` for async code (it awaits the Redis calls of a shared backend)."""
         check_thread_id(thread_id)
         if self._relay is not None:
-            return await self._relay.replay(thread_id, after, epoch)
-        return self.replay(thread_id, after, epoch)
+            return await self._relay.replay(thread_id, after, epoch, peek)
+        return self.replay(thread_id, after, epoch, peek=peek)
 
     @contextlib.asynccontextmanager
     async def hold(self, thread_id: Hashable) -> AsyncIterator[None]:

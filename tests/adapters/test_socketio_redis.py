@@ -129,3 +129,32 @@ async def test_away_too_long_or_past_the_window_is_a_fresh_session_with_no_repla
     assert far.got == [0, 1, 2]
     await far.client.disconnect()
     await watcher.client.disconnect()
+
+
+async def test_a_recovery_refused_for_one_room_costs_no_other_room_its_buffered_events(
+    workers: Any,
+) -> None:
+    # The client's session is in two rooms when its worker is killed. While it is away the
+    # agent emits 3 events to "quiet" (nobody else there: they wait in the room's log) and
+    # 30 to "busy" (more than the log keeps). It comes back on another worker: "busy" cannot
+    # be recovered, so it is a fresh session. The new worker looked at "quiet"'s log to
+    # decide; that look must not count as handing anything over: when the fresh session
+    # joins "quiet" there, it gets the 3 events that were waiting.
+    agent, first, second = workers(3, query="?maxlen=20")
+    listener = Listener()
+    await listener.connect(first, "quiet")
+    assert await listener.client.call("join", "busy") is True
+    await emit(agent, "quiet", 1)  # (a client that has an offset in each room asks to
+    await emit(agent, "busy", 1, start=99)  # recover)
+    await until(lambda: listener.got == [0, 99])
+    await asyncio.sleep(0.3)  # (its worker has written the session down)
+    first.kill()
+    await until(lambda: not listener.client.connected, timeout=5)
+    await emit(agent, "quiet", 3, start=1)
+    await emit(agent, "busy", 30, start=100)
+    await asyncio.sleep(0.3)
+    await listener.connect(second)
+    assert listener.state.recovered is False  # "busy" is past its log
+    assert await listener.client.call("join", "quiet") is True
+    await until(lambda: listener.got == [0, 99, 1, 2, 3], timeout=5)
+    await listener.client.disconnect()
