@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from conftest import settle
+from conftest import eventually, settle
 from emitguard import ConnectionState, Guard, Outcome, transport
 from emitguard.calls import Arg
 
@@ -301,3 +301,68 @@ async def test_a_carrier_handling_a_message_is_waited_for_past_the_timeout() -> 
     assert guard.stats().outcomes[Outcome.DELIVERED] == 1
     assert guard.state("t1") is ConnectionState.CONNECTED
     await guard.aclose()
+
+
+class TaggingTransport:
+    """A transport that carries each message's tag to its writer, which reports the frame
+    with it (as the Channels adapter does through the layer and the consumer)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.queue: asyncio.Queue[tuple[Any, int | None]] = asyncio.Queue()
+        self.gate = asyncio.Event()
+        self.written: list[Any] = []
+        self.tagless = False
+        """Report frames without their tag (a frame of the connection, not of the message)."""
+
+    async def send(self, message: Any) -> bool:
+        self.queue.put_nowait((message, transport.tag()))
+        return True
+
+    async def write(self) -> None:
+        while True:
+            message, tag = await self.queue.get()
+            await self.gate.wait()
+            self.written.append(message["n"])
+            transport.frame_sent(self.connection, None if self.tagless else tag)
+
+
+async def test_tagged_sends_are_confirmed_behind_in_order(records: Any) -> None:
+    guard = Guard(name="tagged")
+    guard.confirm_deliveries(0.5)
+    connection = Connection()
+    guard.mark_connected("t1", owner=connection)
+    wire = TaggingTransport(connection)
+    writer = asyncio.create_task(wire.write())
+    try:
+        for n in range(5):  # none waits for its frame: the writer is held
+            assert await asyncio.wait_for(guard.send("t1", {"type": "a", "n": n}, wire.send), 1)
+        assert records.items == [] and wire.written == []
+        wire.gate.set()
+        assert await guard.drain(2.0) == 0
+        assert wire.written == [0, 1, 2, 3, 4]
+        assert [(r.seq, r.outcome) for r in records.items] == [
+            (seq, Outcome.DELIVERED) for seq in range(1, 6)
+        ]
+        assert transport._tagged == {}
+    finally:
+        writer.cancel()
+
+
+async def test_a_frame_without_the_tag_does_not_confirm_a_tagged_send(records: Any) -> None:
+    guard = Guard(name="tagless", retry_backoff=())
+    guard.confirm_deliveries(0.1)
+    connection = Connection()
+    guard.mark_connected("t1", owner=connection)
+    wire = TaggingTransport(connection)
+    wire.tagless = True  # the connection sends frames, none of them this message's
+    wire.gate.set()
+    writer = asyncio.create_task(wire.write())
+    try:
+        assert await guard.send("t1", {"type": "a", "n": 0}, wire.send)
+        await eventually(lambda: [r.outcome for r in records.items] == [Outcome.BUFFERED])
+        assert wire.written == [0]
+        assert "unconfirmed" in (records.items[0].reason or "")
+        assert guard.stats().pending == {"t1": 1}
+    finally:
+        writer.cancel()

@@ -24,9 +24,12 @@ from typing import Any
 from emitguard import hookimpl, transport
 from emitguard_adapters.manager import ManagerAdapter
 
-__all__ = ["CAPACITY", "RedisCapacityFilter", "emitguard_adapt"]
+__all__ = ["CAPACITY", "TAG", "RedisCapacityFilter", "emitguard_adapt"]
 
 REDIS_LOGGER = "channels_redis.core"
+TAG = "_emitguard_tag"
+"""The key under which a guarded ``group_send``'s message carries its confirmation tag."""
+_TAGGING = "_emitguard_tagging"
 CAPACITY = "dropped by the channel layer for capacity"
 """The start of the reason recorded for a capacity drop."""
 
@@ -84,19 +87,38 @@ class _FullWatch:
             raise
 
 
-class _Layer:
-    """The manager adapter's patches, plus the capacity watch."""
+def _tagging(original: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """The layer's ``group_send`` on one instance, under the guard: while the guard confirms
+    the send, the message carries the send's :func:`emitguard.transport.tag` under
+    :data:`TAG` to the group's consumers, where :class:`GuardedConsumerMixin` takes it out
+    before any handler sees the message."""
 
-    def __init__(self, adapted: Any, layer: Any, watched: bool) -> None:
+    async def group_send(group: Any, message: Any) -> Any:
+        mark = transport.tag()
+        if mark is not None and isinstance(message, dict):
+            message = {**message, TAG: mark}
+        return await original(group, message)
+
+    setattr(group_send, _TAGGING, True)
+    return group_send
+
+
+class _Layer:
+    """The manager adapter's patches, plus the capacity watch and the tagging."""
+
+    def __init__(self, adapted: Any, layer: Any, watched: bool, tagged: bool) -> None:
         self.adapted = adapted
         self.guard = adapted.guard
         self.layer = layer
         self.watched = watched
+        self.tagged = tagged
 
     def unguard(self) -> None:
         self.adapted.unguard()
         if self.watched and isinstance(vars(self.layer).get("send"), _FullWatch):
             del self.layer.send
+        if self.tagged and getattr(vars(self.layer).get("group_send"), _TAGGING, False):
+            del self.layer.group_send
 
 
 def _kind(target: Any) -> str | None:
@@ -121,11 +143,19 @@ def emitguard_adapt(target: Any, options: dict[str, Any]) -> Any:
     kind = _kind(target)
     if kind is None:
         return None
-    adapted = ManagerAdapter.create(target, options)
+    tagged = not getattr(vars(target).get("group_send"), _TAGGING, False)
+    if tagged:
+        target.group_send = _tagging(target.group_send)
+    try:
+        adapted = ManagerAdapter.create(target, options)
+    except BaseException:
+        if tagged:
+            del target.group_send
+        raise
     watched = False
     if kind == "redis":
         watch_redis()
     elif not isinstance(vars(target).get("send"), _FullWatch):
         target.send = _FullWatch(target.send)
         watched = True
-    return _Layer(adapted, target, watched)
+    return _Layer(adapted, target, watched, tagged)

@@ -36,6 +36,7 @@ from urllib.parse import parse_qs
 
 import emitguard
 from emitguard import AdapterError, Guard, Replay, transport
+from emitguard_adapters._channels_layer import TAG
 
 __all__ = ["LAYER_OPTIONS", "GuardedConsumerMixin", "guard_layer"]
 
@@ -88,6 +89,9 @@ class GuardedConsumerMixin:
     channel_layer: Any
     scope: Any
 
+    _emitguard_tag: int | None = None
+    """The tag of the guarded message being handled (its frames confirm that send)."""
+
     resume_param: str = "after"
     """The query-string parameter that carries the last ``seq`` a reconnecting client saw."""
     resync_code: int = 4409
@@ -104,7 +108,7 @@ class GuardedConsumerMixin:
             if message.get("type") == "websocket.send":
                 name = getattr(self, "channel_name", None)
                 if name is not None:
-                    transport.frame_sent(name)
+                    transport.frame_sent(name, self._emitguard_tag)
                     if guard is None:
                         guard = emitguard.guarded(getattr(self, "channel_layer", None))
                     if guard is not None:
@@ -117,12 +121,18 @@ class GuardedConsumerMixin:
 
     async def dispatch(self, message: Any) -> Any:
         # While a handler runs the consumer is alive: a confirmation waiting for its frame
-        # waits on (a consumer slower than ``confirm`` is not taken for a dead one).
+        # waits on (a consumer slower than ``confirm`` is not taken for a dead one). A
+        # guarded group_send's message carries its tag: the frames sent while it is handled
+        # confirm that send (the tag is taken out: no handler sees it).
+        self._emitguard_tag = message.pop(TAG, None) if isinstance(message, dict) else None
         name = getattr(self, "channel_name", None)
-        if name is None:
-            return await super().dispatch(message)  # type: ignore[misc]
-        with transport.handling(name):
-            return await super().dispatch(message)  # type: ignore[misc]
+        try:
+            if name is None:
+                return await super().dispatch(message)  # type: ignore[misc]
+            with transport.handling(name):
+                return await super().dispatch(message)  # type: ignore[misc]
+        finally:
+            self._emitguard_tag = None
 
     def resume_after(self) -> int | None:
         """The last ``seq`` the client says it saw (``?after=<seq>``, see

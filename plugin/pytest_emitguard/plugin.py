@@ -153,7 +153,8 @@ def _strict(config: pytest.Config) -> bool:
 def _drain_guards(guards: Iterable[Guard], timeout: float) -> None:
     """Deliver what the test's guards can still deliver, within ``timeout`` seconds."""
     for guard in guards:
-        if not guard.stats().pending_total:
+        stats = guard.stats()
+        if not stats.pending_total and not stats.in_flight:
             continue
         try:
             asyncio.get_running_loop()

@@ -93,11 +93,16 @@ class Delivery:
         if slot.subscribers and fan_out(slot, seq, message):
             return Verdict.OK, None
         if probe is not None and verdict is Verdict.OK:
-            if probe.dropped is not None:
-                return Verdict.RETRY, probe.dropped
-            if not probe.frames and not await probe.wait(self.confirm or 0.0, slot.owners):
-                return Verdict.RETRY, UNCONFIRMED
+            try:
+                if probe.dropped is not None:
+                    return Verdict.RETRY, probe.dropped
+                if not probe.frames and not await probe.wait(self.confirm or 0.0, slot.owners):
+                    return Verdict.RETRY, UNCONFIRMED
+            finally:
+                probe.done()
             self._adopt(slot, probe)
+        elif probe is not None:
+            probe.done()
         return verdict, why
 
 

@@ -57,6 +57,9 @@ class Flow:
         self.changed = Signal()
         """Fired whenever an entry leaves the outbox or a thread is associated."""
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.idlers: set[asyncio.Task[Any]] = set()
+        """Tasks that may idle after their work is done (confirmers): cancelled at close,
+        not waited for by :meth:`drain`."""
         self._sweeper: asyncio.Task[None] | None = None
         self.closed = False
         self.home: asyncio.AbstractEventLoop | None = None
@@ -194,6 +197,8 @@ class Flow:
         line.
         """
         ttl = self.options.ttl
+        if slot.flight:  # what is still in flight may come back to the outbox first
+            await slot.settled()
         while slot.state is CONNECTED and slot.backlog and not self.retrying(slot):
             entry = await self.outbox.head(slot.thread_id)
             if entry is None:
@@ -354,11 +359,13 @@ class Flow:
     def _spawn_flush(self, slot: ThreadSlot) -> None:
         self.spawn(self._flush_task(slot))
 
-    def spawn(self, coro: Any) -> None:
-        """Run ``coro`` as a task of the running loop, tracked until it ends."""
+    def spawn(self, coro: Any, *, idles: bool = False) -> None:
+        """Run ``coro`` as a task of the running loop, tracked until it ends (``idles``: one
+        of :attr:`idlers`)."""
         task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        tracked = self.idlers if idles else self.tasks
+        tracked.add(task)
+        task.add_done_callback(tracked.discard)
 
     async def _flush_task(self, slot: ThreadSlot) -> None:
         ticket = self._table.join(slot)
@@ -469,7 +476,8 @@ class Flow:
         self._forget_dead_tasks()
         here = asyncio.get_running_loop()
         tasks = []
-        for task in [*self.tasks, *([self._sweeper] if self._sweeper else [])]:
+        idle = [*self.idlers, *([self._sweeper] if self._sweeper else [])]
+        for task in [*self.tasks, *idle]:
             if task.get_loop() is here:
                 task.cancel()
                 tasks.append(task)

@@ -77,6 +77,8 @@ class Pipeline:
         self._table = table
         self._recorder = recorder
         self._flow = flow
+        self.flow = flow
+        self.recorder = recorder
         self.delivery = delivery
         self.tel = telemetry
         self._stamp = options.stamp_seq
@@ -94,6 +96,9 @@ class Pipeline:
         plain path and, if kept, the replay window; empty while a stamp, a listener,
         telemetry, transport confirmation, a subscription or a shared log needs more, or the
         guard is closed."""
+        self.behind = False
+        """A confirmed send whose transport tags it may be confirmed behind, several of a
+        thread in flight at once (:mod:`emitguard._inflight`)."""
         self.observed = False
         """Sends take the observed fast path: a listener, telemetry or transport confirmation
         wants to see them, or a stamp or the replay window, which the plain path skips."""
@@ -117,6 +122,13 @@ class Pipeline:
         self.listening = listening
         self.observed = listening or instrumented or (self.direct and not self.plain)
         self.closed = closed
+        self.behind = (
+            self.direct
+            and not closed
+            and self.delivery.confirm is not None
+            and not self.options.strict
+            and self._flow.outbox.synchronous
+        )
         self.fast = self._table.slots if self.plain and not self.observed and not closed else {}
         lean = self.direct and self._stamp is None and not (listening or instrumented or closed)
         self.lean = self._table.slots if lean else {}
@@ -206,6 +218,10 @@ class Pipeline:
                     )
                 else:
                     reason = self._unready_reason(slot)
+            if slot.flight:  # nothing overtakes a send still waiting for its confirmation
+                stage = "while older events of the thread were confirmed"
+                await slot.settled()
+                reason = self._unready_reason(slot)
             if slot.state is CONNECTED and slot.backlog and not flow.retrying(slot):
                 stage = "while older events of the thread were flushed"
                 await flow.flush_in_line(slot, upto=seq)

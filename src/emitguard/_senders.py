@@ -17,6 +17,7 @@ from typing import Any
 
 from emitguard._delivery import UNCONFIRMED
 from emitguard._ids import names_no_thread
+from emitguard._inflight import Flight, InFlight
 from emitguard._pipeline import CONNECTED, Pipeline
 from emitguard._recorder import thread_name
 from emitguard._slot import ThreadSlot
@@ -45,6 +46,7 @@ class Senders:
         self._pipeline = pipeline
         self._table = table
         self._slots = table.slots
+        self._flight = InFlight(pipeline, self._noted, self._traced)
 
     def sender(self, thread: Arg | AnyOf, message: Arg, kind: Arg | None = None) -> WraptWrapper:
         """A wrapt wrapper guarding an async send whose arguments sit at ``thread`` and
@@ -304,6 +306,7 @@ class Senders:
             or not pipeline.direct
             or pipeline.closed
             or not slot.line
+            or (slot.flight and slot.flown != slot.joined)  # (waits for the flight to end)
         ):
             with tel.sending(thread_name(thread_id), message, kind=kind):
                 return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))
@@ -338,12 +341,17 @@ class Senders:
                 verdict, why = judge(result, accept)
             elif probe is not None and probe.dropped is not None:
                 verdict, why = Verdict.RETRY, probe.dropped
-            elif (
-                probe is not None
-                and not probe.frames
-                and not await probe.wait(confirm or 0.0, slot.owners)
-            ):
-                verdict, why = Verdict.RETRY, UNCONFIRMED
+            elif probe is not None and not probe.frames:
+                if probe.tag is not None and self._flight.takes(slot):  # confirmed behind
+                    slot.seq = seq
+                    call = Call(fn, args, kwargs, rebind, kind)
+                    self._flight.hand(slot, Flight(seq, message, sent, call, probe, started))
+                    slot.line.append(True)
+                    if slot.tickets:
+                        self._table.lines.recheck(slot)
+                    return True
+                if not await probe.wait(confirm or 0.0, slot.owners):
+                    verdict, why = Verdict.RETRY, UNCONFIRMED
         except asyncio.CancelledError:  # during the send or its confirmation: keep the event
             call = Call(fn, args, kwargs, rebind, kind)
             with tel.sending(slot.thread_id, message, seq, started or None, kind=kind):
@@ -354,10 +362,35 @@ class Senders:
         except Exception as exc:
             verdict, why = judge_error(exc, pipeline.delivery.poison)
             error = exc
+        if probe is not None:
+            probe.done()
         if verdict is not None:
             call = Call(fn, args, kwargs, rebind, kind)
             with tel.sending(slot.thread_id, message, seq, started or None, error, kind):
                 return await pipeline.failed_fast(slot, seq, message, call, verdict, why)
+        slot.seq = seq
+        # Recorded while the line is held, as on the general path: a waiter woken by the
+        # release may deliver (and record) the next seq at once.
+        self._noted(slot, seq, sent, probe, started, kind)
+        slot.line.append(True)
+        if slot.tickets:
+            self._table.lines.recheck(slot)
+        if tel.active:  # (off when only a listener or confirmation brought the send here)
+            self._traced(slot, seq, sent, started, kind)
+        return True
+
+    def _noted(
+        self,
+        slot: ThreadSlot,
+        seq: int,
+        sent: Any,
+        probe: Probe | None,
+        started: int,
+        kind: str | None,
+    ) -> None:
+        """A delivery on the observed fast path worked: the connections it went through
+        carry the thread, and its record (for listeners) or the replay window has it."""
+        pipeline = self._pipeline
         if (
             probe is not None
             and (owner := probe.owner) is not None
@@ -365,24 +398,22 @@ class Senders:
         ):  # a new carrier connection
             for new in probe.outside(slot.owners):
                 self._table.own(slot, new)
-        slot.seq = seq
-        # Recorded while the line is held, as on the general path: a waiter woken by the
-        # release may deliver (and record) the next seq at once.
         if pipeline.listening:  # the record counts it, tells telemetry, feeds the window
             pipeline.delivered_fast(slot, seq, sent, started / 1e9, kind)
         elif pipeline.window is not None:
             pipeline.window.remember(slot.thread_id, seq, sent)
-        slot.line.append(True)
-        if slot.tickets:
-            self._table.lines.recheck(slot)
-        if tel.active:  # (off when only a listener or confirmation brought the send here)
-            event_type = kind if kind is not None else tel.type_of(message)
-            if not pipeline.listening:
-                tel.delivered(event_type)
-            span = tel.start(
-                SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True
-            )
-            if span is not None:
-                tel.hook(span, slot.thread_id, sent)
-                span.end()
-        return True
+
+    def _traced(
+        self, slot: ThreadSlot, seq: int, sent: Any, started: int, kind: str | None
+    ) -> None:
+        """The span of a delivery on the observed fast path (telemetry is active)."""
+        tel = self._pipeline.tel
+        if not tel.active:
+            return
+        event_type = kind if kind is not None else tel.type_of(sent)
+        if not self._pipeline.listening:
+            tel.delivered(event_type)
+        span = tel.start(SEND, slot.thread_id, seq, event_type, start_time=started, delivered=True)
+        if span is not None:
+            tel.hook(span, slot.thread_id, sent)
+            span.end()

@@ -9,7 +9,7 @@ from typing import Any
 from emitguard._loops import Later, Signal, resolve
 from emitguard.states import ConnectionState
 
-__all__ = ["ThreadSlot", "Ticket"]
+__all__ = ["Flights", "ThreadSlot", "Ticket"]
 
 
 class Ticket:
@@ -32,6 +32,19 @@ class Ticket:
         return self.future is not None and not self.future.done()
 
 
+class Flights(deque[Any]):
+    """A thread's sends in flight (:mod:`emitguard._inflight`), oldest first."""
+
+    __slots__ = ("confirming", "since")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since = 0.0
+        """``time.monotonic()`` when the oldest became the oldest (its confirmation's clock)."""
+        self.confirming = False
+        """The thread's confirmer task runs."""
+
+
 class ThreadSlot:
     """Everything the guard keeps for one thread.
 
@@ -47,9 +60,14 @@ class ThreadSlot:
         "backlog",
         "base",
         "failures",
+        "flight",
+        "flown",
         "flushing",
         "freed",
         "gate",
+        "home",
+        "joined",
+        "landed",
         "line",
         "loop",
         "note",
@@ -104,9 +122,32 @@ class ThreadSlot:
         empties)."""
         self.freed = False
         """Taken out of the thread table: anyone holding this object looks the thread up again."""
+        self.flight = Flights()
+        """Sends handed over, waiting for their confirmation (:mod:`emitguard._inflight`)."""
+        self.landed: list[asyncio.Future[None]] = []
+        """Waiting for the flight to end."""
+        self.joined = 0
+        """Connections that started to carry the thread (counted: a new one makes a change)."""
+        self.flown = 0
+        """``joined`` when the oldest send in flight was handed over."""
+        self.home: asyncio.AbstractEventLoop | None = None
+        """The event loop of the thread's latest association made from async code."""
 
     def __repr__(self) -> str:
         return f"thread {self.thread_id}"
+
+    async def settled(self) -> None:
+        """Wait until none of the thread's sends is in flight (now, usually)."""
+        while self.flight:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.landed.append(waiter)
+            await waiter
+
+    def land(self) -> None:
+        """The thread's flight ended: wake whoever waits for it (on their own loops)."""
+        waiters, self.landed = self.landed, []
+        for waiter in waiters:
+            resolve(waiter)
 
     @property
     def idle(self) -> bool:
@@ -117,6 +158,7 @@ class ThreadSlot:
             and not self.backlog
             and not self.owners
             and not self.subscribers
+            and not self.flight
             and not self.ready
             and not self.tickets
             and not self.flushing

@@ -137,6 +137,8 @@ class ThreadTable:
         """``owner`` (a user, a connection) carries the thread."""
         key = owner_key(owner)
         with self.mutex:
+            if key not in slot.owners:
+                slot.joined += 1
             slot.owners.add(key)
             self._owners.setdefault(key, set()).add(slot.thread_id)
 

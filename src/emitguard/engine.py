@@ -29,7 +29,7 @@ from emitguard._delivery import Delivery
 from emitguard._flow import Flow
 from emitguard._history import Replay, ReplayWindow
 from emitguard._ids import id_problem
-from emitguard._loops import Signal
+from emitguard._loops import Signal, running_loop
 from emitguard._pipeline import Pipeline
 from emitguard._recorder import Recorder
 from emitguard._senders import Senders
@@ -252,6 +252,7 @@ class Guard:
         table = self._table
         with table.mutex:
             slot = table.slot(thread_id)
+            slot.home = running_loop() or slot.home
             if owner is not None:
                 table.own(slot, owner)
             slot.timed_out = False
@@ -318,8 +319,14 @@ class Guard:
         still carries that were disconnected because deliveries to them kept failing (a
         consumer slower than the confirmation) are associated again, which flushes what they
         kept. Threads it left, or that were disconnected explicitly, are not touched (those
-        calls took the owner off them). Returns the threads associated again."""
+        calls took the owner off them). Returns the threads associated again.
+
+        (Called for every frame: it looks only while something is buffered, as a thread
+        disconnected by failed deliveries keeps them; one whose buffer emptied meanwhile
+        comes back with the first frame after its next send is kept.)"""
         back: list[Hashable] = []
+        if not self._flow.backlogged:
+            return back
         for slot in self._table.carried(owner):
             if slot.state is ConnectionState.DISCONNECTED:
                 self._associate(slot.thread_id, owner)
@@ -536,10 +543,11 @@ class Guard:
             for name, slot in list(table.slots.items())
             if (count := sum(1 for t in list(slot.tickets) if t.keep is not None and not t.waiting))
         }
+        flying = {name: len(slot.flight) for name, slot in list(table.slots.items()) if slot.flight}
         if self._relay is not None:
             pending.update(self._relay.pending())
-            return GuardStats(outcomes, pending, states, waiting, self._relay.describe())
-        return GuardStats(outcomes, pending, states, waiting)
+            return GuardStats(outcomes, pending, states, waiting, self._relay.describe(), flying)
+        return GuardStats(outcomes, pending, states, waiting, in_flight=flying)
 
     async def pending(self, thread_id: Hashable | None = None) -> list[OutboxEntry]:
         """The buffered entries of one thread, or of every thread, oldest first."""
@@ -559,8 +567,11 @@ class Guard:
         return await self._flow.drain(timeout, self._busy)
 
     def _busy(self) -> bool:
-        """A send is waiting for its thread or its turn (it is not in the outbox yet)."""
-        return any(slot.parked or slot.tickets for slot in list(self._table.slots.values()))
+        """A send is waiting for its thread or its turn (it is not in the outbox yet), or
+        for its confirmation."""
+        return any(
+            slot.parked or slot.tickets or slot.flight for slot in list(self._table.slots.values())
+        )
 
     async def aclose(self) -> None:
         """Close the guard: background work stops, the outbox is closed, and what it still

@@ -28,6 +28,11 @@ class GuardStats:
     """The state of a shared backend (empty for the memory outbox). Redis: ``redis`` ("up" or
     "down"), ``down_for`` (seconds), ``local`` (sends waiting in the local buffer for Redis,
     no seq yet; also counted in ``pending``), ``delivering`` (threads connected here)."""
+    in_flight: Mapping[Hashable, int] = field(default_factory=dict)
+    """Sends handed over whose confirmation has not come yet (a transport that tags its
+    messages lets several of a thread be in flight at once: :func:`emitguard.transport.tag`),
+    per thread; each gets its record when its frame leaves, or is kept. Threads with none
+    are left out. Until then ``outcomes`` counts them as delivered."""
 
     @property
     def passed_through(self) -> int:

@@ -12,6 +12,11 @@ two things through context variables:
   and the reason given is recorded.
 - :func:`handling`, around the handling of one message by a connection (a consumer's
   handler): a confirmation waiting on that connection waits on while it is busy.
+- :func:`tag`, for a transport that can carry a mark with the message to where it is handled
+  (a channel layer's message dict): the send's probe is then confirmed only by the frames
+  sent while the message with that mark is handled (``frame_sent(owner, tag)``), not by any
+  frame of its connections, so the guard can confirm several sends of a thread at once
+  instead of one after the other.
 - :func:`serving`, around the code that serves one connection: an association made there is
   owned by that connection, so the thread is disconnected when the connection goes (unless
   another live connection carries it).
@@ -25,8 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
 from typing import Any
 
@@ -36,11 +42,13 @@ __all__ = [
     "Probe",
     "associating",
     "association",
+    "busy",
     "dropped",
     "frame_sent",
     "handling",
     "serving",
     "serving_owner",
+    "tag",
 ]
 
 
@@ -48,7 +56,7 @@ class Probe:
     """Counts the frames that leave while one original send runs (and after, for frames sent
     by tasks it spawned)."""
 
-    __slots__ = ("_waiter", "dropped", "frames", "more", "opened", "owner")
+    __slots__ = ("_waiter", "dropped", "frames", "landed", "more", "opened", "owner", "tag")
 
     def __init__(self) -> None:
         self.frames = 0
@@ -60,6 +68,10 @@ class Probe:
         """The first connection a frame left through, when the transport named it."""
         self.more: set[object] | None = None
         """Any further connections (rare: made when needed)."""
+        self.tag: int | None = None
+        """Set by :func:`tag`: only the frames of the handling of the tagged message count."""
+        self.landed: Callable[[Probe], None] | None = None
+        """Called with the probe on each frame (a send confirmed behind: the guard's)."""
         self._waiter: asyncio.Future[None] | None = None
 
     @property
@@ -82,6 +94,8 @@ class Probe:
             resolve(waiter)  # left from another loop's thread (an async_to_sync sender)
         if owner is not None and owner is not self.owner:
             self._remember(owner)
+        if self.landed is not None:
+            self.landed(self)
 
     def _remember(self, owner: object) -> None:
         try:
@@ -106,7 +120,8 @@ class Probe:
             return self.frames > 0
         loop = asyncio.get_running_loop()
         self._waiter = loop.create_future()
-        watched = list(carriers)  # the guard's owner keys: hashable
+        carriers = list(carriers)  # the guard's owner keys: hashable
+        watched = carriers if self.tag is None else []  # (a tagged send's frames name it)
         for carrier in watched:
             _watchers.setdefault(carrier, set()).add(self)
         # Watched from here on; a frame that left on a carrier before (a consumer on another
@@ -127,7 +142,7 @@ class Probe:
                 if (  # a carrier still handling a message is alive: wait on for its frame
                     self.frames
                     or not _handling
-                    or not any(carrier in _handling for carrier in watched)
+                    or not any(carrier in _handling for carrier in carriers)
                     or time.monotonic() > busy_until
                 ):
                     break
@@ -140,6 +155,11 @@ class Probe:
                     if not probes:
                         del _watchers[carrier]
         return self.frames > 0
+
+    def done(self) -> None:
+        """The send's outcome is decided: a frame of its tagged message counts no more."""
+        if self.tag is not None:
+            _tagged.pop(self.tag, None)
 
 
 def _time_up(waiter: asyncio.Future[None]) -> None:
@@ -157,6 +177,9 @@ owner goes; emptied past ``_RECENT_LIMIT`` entries, the worst case being a confi
 missed and the event sent again)."""
 _RECENT_LIMIT = 100_000
 _handling: dict[object, int] = {}
+_tagged: dict[int, Probe] = {}
+"""Tagged probes whose outcome is not decided yet, by tag."""
+_tags = itertools.count(1)
 """Connections handling a message now (:func:`handling`), with how many at once."""
 BUSY_LIMIT = 30.0
 """Seconds a confirmation waits on for a frame while a carrier is still handling a message
@@ -167,9 +190,14 @@ _associating: ContextVar[frozenset[object]] = ContextVar(
 )
 
 
-def frame_sent(owner: object = None) -> None:
+def frame_sent(owner: object = None, tag: int | None = None) -> None:
     """A data frame left through the transport (of connection ``owner``, if known, and
-    hashable)."""
+    hashable); ``tag``: the :func:`tag` of the message being handled when it left."""
+    if tag is not None:  # the frame of a tagged message: it confirms that send
+        tagged = _tagged.get(tag)
+        if tagged is not None:
+            tagged.sent(owner)
+            return
     probe = PROBE.get()
     if probe is not None:  # (Probe.sent, inlined: once per frame while confirming)
         probe.frames += 1
@@ -198,6 +226,33 @@ def dropped(reason: str) -> None:
     probe = PROBE.get()
     if probe is not None and probe.dropped is None:
         probe.dropped = reason
+
+
+def tag() -> int | None:
+    """A mark for the message of the send running in this context, or ``None`` (no guard
+    confirms it). The transport carries it with the message to where it is handled, and
+    reports each frame sent while handling that message with ``frame_sent(owner, tag)``:
+    the send is confirmed by those frames, and by no other frame of its connections."""
+    probe = PROBE.get()
+    if probe is None:
+        return None
+    if probe.tag is None:
+        if len(_tagged) > _RECENT_LIMIT:  # (probes never decided: at worst a send is retried)
+            _tagged.clear()
+        probe.tag = next(_tags)
+        _tagged[probe.tag] = probe
+    return probe.tag
+
+
+def busy(carriers: Iterable[object], since: float) -> bool:
+    """Whether one of ``carriers`` is handling a message (:class:`handling`), and ``since``
+    (``time.monotonic()``) is less than :data:`BUSY_LIMIT` seconds ago: a confirmation that
+    waits on it since then waits on."""
+    return (
+        bool(_handling)
+        and any(carrier in _handling for carrier in carriers)
+        and time.monotonic() - since < BUSY_LIMIT
+    )
 
 
 def forget(owner: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,14 +33,22 @@ def allow_but_secret(request: Request, thread_id: str) -> bool:
     return thread_id != "secret"
 
 
-_lines: dict[int, AsyncIterator[str]] = {}
+# Keyed by the response itself, weakly. Keyed by id(), an entry outlived its response: the
+# loop's shutdown closes the line iterator (and with it its hold on the response), the
+# response is freed, and a later test's response given the same id read that finished
+# iterator (StopAsyncIteration at once: a stream that seemed to end by itself).
+_lines: weakref.WeakKeyDictionary[httpx.Response, AsyncIterator[str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def read_events(response: httpx.Response, count: int) -> list[dict[str, Any]]:
     """The next ``count`` SSE events (comments and retry-only blocks skipped)."""
     events: list[dict[str, Any]] = []
     current: dict[str, str] = {}
-    lines = _lines.setdefault(id(response), response.aiter_lines())
+    lines = _lines.get(response)
+    if lines is None:
+        lines = _lines[response] = response.aiter_lines()
     while len(events) < count:
         line = await asyncio.wait_for(anext(lines), 10)
         if line == "":
