@@ -89,6 +89,7 @@ class InFlight:
             slot.home is not None
             and slot.home is running_loop()
             and pipeline.behind
+            and not slot.backlog  # (kept while this send was handed over: no more in flight)
             and (not flight or (len(flight) < DEPTH and slot.joined == slot.flown))
         )
 
@@ -121,8 +122,11 @@ class InFlight:
             done.probe.done()
             self._delivered(slot, done)
         queue.since = time.monotonic()
-        if not queue and slot.landed:
-            slot.land()
+        if not queue:
+            if slot.landed:
+                slot.land()
+            if slot.backlog:  # (a synchronous send kept behind the flight)
+                self._pipeline.flow.schedule(slot)
 
     async def _confirm(self, slot: ThreadSlot) -> None:
         """Sleep until the oldest send in flight is overdue (past ``confirm`` seconds as the

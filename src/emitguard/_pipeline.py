@@ -430,7 +430,7 @@ class Pipeline:
         seq = self._next_seq(slot)
         if self._stamp is not None:
             message = self.stamped(message, seq)
-        if slot.state is CONNECTED and not slot.backlog:
+        if slot.state is CONNECTED and not slot.backlog and not slot.flight:
             verdict, why = drive(self.delivery.attempt(call, message, False, slot, seq))
             judged: bool = drive(
                 self._judged(slot, seq, message, call, created_at, verdict, why, is_async=False)
@@ -546,6 +546,8 @@ class Pipeline:
         if state is CONNECTED:
             if self._flow.retrying(slot):
                 return "queued behind an event whose delivery is being retried"
+            if slot.flight:
+                return "queued behind older events of the thread still being confirmed"
             return "queued behind older events of the thread"
         label = "disconnected" if state is ConnectionState.DISCONNECTED else "in error"
         return f"thread {label}: {slot.note}" if slot.note else f"thread {label}"
