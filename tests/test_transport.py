@@ -337,7 +337,8 @@ async def test_tagged_sends_are_confirmed_behind_in_order(records: Any) -> None:
     try:
         for n in range(5):  # none waits for its frame: the writer is held
             assert await asyncio.wait_for(guard.send("t1", {"type": "a", "n": n}, wire.send), 1)
-        assert records.items == [] and wire.written == []
+        assert records.items == []
+        assert wire.written == []
         wire.gate.set()
         assert await guard.drain(2.0) == 0
         assert wire.written == [0, 1, 2, 3, 4]

@@ -89,7 +89,7 @@ class GuardedConsumerMixin:
     channel_layer: Any
     scope: Any
 
-    _emitguard_tag: int | None = None
+    _emitguard_tag: str | None = None
     """The tag of the guarded message being handled (its frames confirm that send)."""
 
     resume_param: str = "after"
@@ -124,7 +124,10 @@ class GuardedConsumerMixin:
         # waits on (a consumer slower than ``confirm`` is not taken for a dead one). A
         # guarded group_send's message carries its tag: the frames sent while it is handled
         # confirm that send (the tag is taken out: no handler sees it).
-        self._emitguard_tag = message.pop(TAG, None) if isinstance(message, dict) else None
+        outer = self._emitguard_tag  # (a handler may dispatch another: join_group's replay)
+        mark = message.pop(TAG, None) if isinstance(message, dict) else None
+        if mark is not None:
+            self._emitguard_tag = mark
         name = getattr(self, "channel_name", None)
         try:
             if name is None:
@@ -132,7 +135,7 @@ class GuardedConsumerMixin:
             with transport.handling(name):
                 return await super().dispatch(message)  # type: ignore[misc]
         finally:
-            self._emitguard_tag = None
+            self._emitguard_tag = outer
 
     def resume_after(self) -> int | None:
         """The last ``seq`` the client says it saw (``?after=<seq>``, see

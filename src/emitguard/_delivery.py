@@ -76,6 +76,22 @@ class Delivery:
         if self.confirm is not None and is_async:
             probe, token = transport.open_probe()
         try:
+            return await self._judge(deliver, message, is_async, slot, seq, probe, token)
+        finally:
+            if probe is not None:
+                probe.done()
+
+    async def _judge(
+        self,
+        deliver: Callable[[Any], Any],
+        message: Any,
+        is_async: bool,
+        slot: ThreadSlot,
+        seq: int,
+        probe: transport.Probe | None,
+        token: Any,
+    ) -> tuple[Verdict, str | None]:
+        try:
             result = deliver(message)
             if is_async:
                 result = await result
@@ -93,16 +109,11 @@ class Delivery:
         if slot.subscribers and fan_out(slot, seq, message):
             return Verdict.OK, None
         if probe is not None and verdict is Verdict.OK:
-            try:
-                if probe.dropped is not None:
-                    return Verdict.RETRY, probe.dropped
-                if not probe.frames and not await probe.wait(self.confirm or 0.0, slot.owners):
-                    return Verdict.RETRY, UNCONFIRMED
-            finally:
-                probe.done()
+            if probe.dropped is not None:
+                return Verdict.RETRY, probe.dropped
+            if not probe.frames and not await probe.wait(self.confirm or 0.0, slot.owners):
+                return Verdict.RETRY, UNCONFIRMED
             self._adopt(slot, probe)
-        elif probe is not None:
-            probe.done()
         return verdict, why
 
 

@@ -85,9 +85,10 @@ class InFlight:
         """Whether the send that holds the thread's line now may be confirmed behind."""
         pipeline = self._pipeline
         flight = slot.flight
+        loop = flight.loop if flight else slot.home
         return (
-            slot.home is not None
-            and slot.home is running_loop()
+            loop is not None
+            and loop is running_loop()
             and pipeline.behind
             and not slot.backlog  # (kept while this send was handed over: no more in flight)
             and (not flight or (len(flight) < DEPTH and slot.joined == slot.flown))
@@ -98,6 +99,7 @@ class InFlight:
         queue = slot.flight
         if not queue:
             queue.since = time.monotonic()
+            queue.loop = running_loop()
             slot.flown = slot.joined
         queue.append(flight)
         flight.probe.landed = functools.partial(self._landed, slot)
@@ -109,13 +111,18 @@ class InFlight:
         """A frame of a send in flight left: the sends at the head that have one are
         delivered, in order, at once (the confirmer only wakes for a timeout, or when the
         flight is over)."""
-        home = slot.home
+        queue = slot.flight
+        home = queue.loop
         if home is not None and running_loop() is not home:  # (a frame from another thread)
             call_on(home, self._landed, slot, probe)
             return
-        queue = slot.flight
         if not queue or queue[0].probe is not probe:  # (a later one: its turn comes)
             return
+        self._land_heads(slot)
+
+    def _land_heads(self, slot: ThreadSlot) -> None:
+        """Record the sends at the head of the flight whose frame left, in order."""
+        queue = slot.flight
         while queue and queue[0].probe.frames:
             done = queue.popleft()
             done.probe.landed = None
@@ -138,9 +145,8 @@ class InFlight:
         confirm = self._pipeline.delivery.confirm or 0.0
         try:
             while queue:
-                head = queue[0]
-                if head.probe.frames:  # (landed while its frame's thread handed it over)
-                    self._landed(slot, head.probe)
+                if queue[0].probe.frames:  # (a frame whose landing was handed over to here)
+                    self._land_heads(slot)
                     continue
                 wait = queue.since + confirm - time.monotonic()
                 if wait <= 0 and transport.busy(slot.owners, queue.since):

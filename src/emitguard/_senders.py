@@ -353,6 +353,8 @@ class Senders:
                 if not await probe.wait(confirm or 0.0, slot.owners):
                     verdict, why = Verdict.RETRY, UNCONFIRMED
         except asyncio.CancelledError:  # during the send or its confirmation: keep the event
+            if probe is not None:
+                probe.done()
             call = Call(fn, args, kwargs, rebind, kind)
             with tel.sending(slot.thread_id, message, seq, started or None, kind=kind):
                 await pipeline.failed_fast(

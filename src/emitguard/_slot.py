@@ -35,10 +35,12 @@ class Ticket:
 class Flights(deque[Any]):
     """A thread's sends in flight (:mod:`emitguard._inflight`), oldest first."""
 
-    __slots__ = ("confirming", "since")
+    __slots__ = ("confirming", "loop", "since")
 
     def __init__(self) -> None:
         super().__init__()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The loop the sends in flight were handed over on (their confirmer's)."""
         self.since = 0.0
         """``time.monotonic()`` when the oldest became the oldest (its confirmation's clock)."""
         self.confirming = False

@@ -452,6 +452,8 @@ class Guard:
                     self._flow.leave(slot)
                 raise
         try:
+            if slot.flight:  # what is in flight lands in the window (or the outbox) first
+                await slot.settled()
             yield
         finally:
             self._flow.leave(slot)

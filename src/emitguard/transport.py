@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar, Token
@@ -68,7 +69,7 @@ class Probe:
         """The first connection a frame left through, when the transport named it."""
         self.more: set[object] | None = None
         """Any further connections (rare: made when needed)."""
-        self.tag: int | None = None
+        self.tag: str | None = None
         """Set by :func:`tag`: only the frames of the handling of the tagged message count."""
         self.landed: Callable[[Probe], None] | None = None
         """Called with the probe on each frame (a send confirmed behind: the guard's)."""
@@ -177,9 +178,12 @@ owner goes; emptied past ``_RECENT_LIMIT`` entries, the worst case being a confi
 missed and the event sent again)."""
 _RECENT_LIMIT = 100_000
 _handling: dict[object, int] = {}
-_tagged: dict[int, Probe] = {}
+_tagged: dict[str, Probe] = {}
 """Tagged probes whose outcome is not decided yet, by tag."""
 _tags = itertools.count(1)
+_TAG_PREFIX = secrets.token_hex(6) + "."
+"""This process's: a tag travels through a shared channel layer, and a consumer in another
+process must not take it for one of its own."""
 """Connections handling a message now (:func:`handling`), with how many at once."""
 BUSY_LIMIT = 30.0
 """Seconds a confirmation waits on for a frame while a carrier is still handling a message
@@ -190,11 +194,11 @@ _associating: ContextVar[frozenset[object]] = ContextVar(
 )
 
 
-def frame_sent(owner: object = None, tag: int | None = None) -> None:
+def frame_sent(owner: object = None, tag: object = None) -> None:
     """A data frame left through the transport (of connection ``owner``, if known, and
     hashable); ``tag``: the :func:`tag` of the message being handled when it left."""
-    if tag is not None:  # the frame of a tagged message: it confirms that send
-        tagged = _tagged.get(tag)
+    if tag is not None:  # the frame of a tagged message: it confirms that send (a tag of
+        tagged = _tagged.get(tag) if isinstance(tag, str) else None  # another process: no)
         if tagged is not None:
             tagged.sent(owner)
             return
@@ -228,7 +232,7 @@ def dropped(reason: str) -> None:
         probe.dropped = reason
 
 
-def tag() -> int | None:
+def tag() -> str | None:
     """A mark for the message of the send running in this context, or ``None`` (no guard
     confirms it). The transport carries it with the message to where it is handled, and
     reports each frame sent while handling that message with ``frame_sent(owner, tag)``:
@@ -239,7 +243,7 @@ def tag() -> int | None:
     if probe.tag is None:
         if len(_tagged) > _RECENT_LIMIT:  # (probes never decided: at worst a send is retried)
             _tagged.clear()
-        probe.tag = next(_tags)
+        probe.tag = f"{_TAG_PREFIX}{next(_tags)}"
         _tagged[probe.tag] = probe
     return probe.tag
 
