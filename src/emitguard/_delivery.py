@@ -76,45 +76,33 @@ class Delivery:
         if self.confirm is not None and is_async:
             probe, token = transport.open_probe()
         try:
-            return await self._judge(deliver, message, is_async, slot, seq, probe, token)
-        finally:
-            if probe is not None:
-                probe.done()
-
-    async def _judge(
-        self,
-        deliver: Callable[[Any], Any],
-        message: Any,
-        is_async: bool,
-        slot: ThreadSlot,
-        seq: int,
-        probe: transport.Probe | None,
-        token: Any,
-    ) -> tuple[Verdict, str | None]:
-        try:
-            result = deliver(message)
-            if is_async:
-                result = await result
-        except Exception as exc:
-            if self._tel.active:
-                self._tel.failed_attempt(exc)
-            failed, text = judge_error(exc, self.poison)
-            if failed is Verdict.RETRY and fan_out(slot, seq, message):
+            try:
+                result = deliver(message)
+                if is_async:
+                    result = await result
+            except Exception as exc:
+                if self._tel.active:
+                    self._tel.failed_attempt(exc)
+                failed, text = judge_error(exc, self.poison)
+                if failed is Verdict.RETRY and fan_out(slot, seq, message):
+                    return Verdict.OK, None
+                return failed, text
+            finally:
+                if token is not None:
+                    transport.close_probe(token)
+            verdict, why = judge(result, self.accept)
+            if slot.subscribers and fan_out(slot, seq, message):
                 return Verdict.OK, None
-            return failed, text
+            if probe is not None and verdict is Verdict.OK:
+                if probe.dropped is not None:
+                    return Verdict.RETRY, probe.dropped
+                if not probe.frames and not await probe.wait(self.confirm or 0.0, slot.owners):
+                    return Verdict.RETRY, UNCONFIRMED
+                self._adopt(slot, probe)
+            return verdict, why
         finally:
-            if token is not None:
-                transport.close_probe(token)
-        verdict, why = judge(result, self.accept)
-        if slot.subscribers and fan_out(slot, seq, message):
-            return Verdict.OK, None
-        if probe is not None and verdict is Verdict.OK:
-            if probe.dropped is not None:
-                return Verdict.RETRY, probe.dropped
-            if not probe.frames and not await probe.wait(self.confirm or 0.0, slot.owners):
-                return Verdict.RETRY, UNCONFIRMED
-            self._adopt(slot, probe)
-        return verdict, why
+            if probe is not None:  # decided, however: its tag confirms nothing any more
+                probe.done()
 
 
 def acceptance(verdict: Callable[[Any], bool] | str | None) -> Accept | None:

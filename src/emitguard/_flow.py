@@ -198,7 +198,7 @@ class Flow:
         """
         ttl = self.options.ttl
         if slot.flight:  # what is still in flight may come back to the outbox first
-            await slot.settled()
+            await slot.flight.settled()
         while slot.state is CONNECTED and slot.backlog and not self.retrying(slot):
             entry = await self.outbox.head(slot.thread_id)
             if entry is None:

@@ -18,7 +18,7 @@ Nothing overtakes what is in flight: a send is confirmed behind only while the t
 connections are those it had when the oldest send in flight was handed over (a connection that
 joins since could be sent a newer event before an older one comes back to it), and every
 other way to deliver (the general path, a flush) first waits until nothing of the thread is
-in flight (``ThreadSlot.settled``). It runs only on the event loop the thread was associated
+in flight (``Flights.settled``). It runs only on the event loop the thread was associated
 on (a short-lived loop, as ``async_to_sync`` runs, would take the confirmer with it), with an
 outbox that never suspends (buffering a failed send needs no line), and not in strict mode (a
 failure has no caller left to raise to).
@@ -91,7 +91,7 @@ class InFlight:
             and loop is running_loop()
             and pipeline.behind
             and not slot.backlog  # (kept while this send was handed over: no more in flight)
-            and (not flight or (len(flight) < DEPTH and slot.joined == slot.flown))
+            and (not flight or (len(flight) < DEPTH and slot.joined == flight.joined))
         )
 
     def hand(self, slot: ThreadSlot, flight: Flight) -> None:
@@ -100,7 +100,7 @@ class InFlight:
         if not queue:
             queue.since = time.monotonic()
             queue.loop = running_loop()
-            slot.flown = slot.joined
+            queue.joined = slot.joined
         queue.append(flight)
         flight.probe.landed = functools.partial(self._landed, slot)
         if not queue.confirming:
@@ -130,8 +130,8 @@ class InFlight:
             self._delivered(slot, done)
         queue.since = time.monotonic()
         if not queue:
-            if slot.landed:
-                slot.land()
+            if queue.waiters:
+                queue.land()
             if slot.backlog:  # (a synchronous send kept behind the flight)
                 self._pipeline.flow.schedule(slot)
 
@@ -160,7 +160,7 @@ class InFlight:
             raise
         finally:
             queue.confirming = False
-            slot.land()
+            queue.land()
 
     def _delivered(self, slot: ThreadSlot, flight: Flight) -> None:
         self._noted(slot, flight.seq, flight.sent, flight.probe, flight.started, flight.call.kind)

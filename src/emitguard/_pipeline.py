@@ -75,10 +75,8 @@ class Pipeline:
     ) -> None:
         self.options = options
         self._table = table
-        self._recorder = recorder
-        self._flow = flow
-        self.flow = flow
         self.recorder = recorder
+        self.flow = flow
         self.delivery = delivery
         self.tel = telemetry
         self._stamp = options.stamp_seq
@@ -127,7 +125,7 @@ class Pipeline:
             and not closed
             and self.delivery.confirm is not None
             and not self.options.strict
-            and self._flow.outbox.synchronous
+            and self.flow.outbox.synchronous
         )
         self.fast = self._table.slots if self.plain and not self.observed and not closed else {}
         lean = self.direct and self._stamp is None and not (listening or instrumented or closed)
@@ -137,7 +135,7 @@ class Pipeline:
         self, slot: ThreadSlot, seq: int, message: Any, created_at: float, kind: str | None
     ) -> None:
         """A delivery on the observed fast path worked: its record, for the listeners."""
-        self._recorder.delivered(slot.thread_id, seq, message, created_at, kind)
+        self.recorder.delivered(slot.thread_id, seq, message, created_at, kind)
 
     # ------------------------------------------------------------------ async
 
@@ -149,7 +147,7 @@ class Pipeline:
         except EmissionError:
             raise
         except Exception as exc:
-            return self._recorder.fault(thread_id, message, exc)
+            return self.recorder.fault(thread_id, message, exc)
 
     async def _send(self, thread_id: Any, message: Any, call: Call) -> bool:
         if self.closed:
@@ -158,18 +156,18 @@ class Pipeline:
             return await self.passed(message, call)  # type: ignore[no-any-return]
         bad = problem(thread_id, message, call.kind)
         if bad is not None:
-            record = self._recorder.make(
+            record = self.recorder.make(
                 Outcome.REJECTED, thread_name(thread_id), 0, message, bad, kind=call.kind
             )
-            return self._recorder.conclude(record)
+            return self.recorder.conclude(record)
         if transport.associating(thread_id):
             return await self._greet(thread_id, message, call, True)
-        self._flow.home = asyncio.get_running_loop()
+        self.flow.home = asyncio.get_running_loop()
         if self.relay is not None:  # a shared backend: the log gives the seq and delivers
             if not isinstance(thread_id, str):  # the log is keyed by the id's text
                 why = "a shared (Redis) outbox keys threads by str; got " + repr(thread_id)
-                record = self._recorder.make(Outcome.REJECTED, thread_id, 0, message, why)
-                return self._recorder.conclude(record)
+                record = self.recorder.make(Outcome.REJECTED, thread_id, 0, message, why)
+                return self.recorder.conclude(record)
             return await self.relay.send(thread_id, message, call)
         created_at = time.time()
         slot, ticket = self._table.take(thread_id, _Pending(message, call, created_at, True))
@@ -182,7 +180,7 @@ class Pipeline:
             closing = True
             raise
         finally:
-            self._flow.leave(slot, closing)
+            self.flow.leave(slot, closing)
 
     async def _wait_turn(self, slot: ThreadSlot, ticket: Ticket) -> None:
         future = ticket.future
@@ -192,7 +190,7 @@ class Pipeline:
         except asyncio.CancelledError:
             granted = future.done() and not future.cancelled()  # our turn came as we were
             if granted and self.keep(slot, ticket):  # cancelled: keep the event ourselves
-                self._flow.leave(slot)
+                self.flow.leave(slot)
             raise  # else the ticket keeps our place: its keep work runs in our turn
 
     async def _in_line(self, slot: ThreadSlot, message: Any, call: Call, created_at: float) -> bool:
@@ -206,7 +204,7 @@ class Pipeline:
             message = self.stamped(message, seq)
         waited, attempts = 0.0, 0
         stage: str | None = "while waiting for the thread"
-        flow = self._flow
+        flow = self.flow
         try:
             reason = self._unready_reason(slot)
             if self._waits(slot):
@@ -220,7 +218,7 @@ class Pipeline:
                     reason = self._unready_reason(slot)
             if slot.flight:  # nothing overtakes a send still waiting for its confirmation
                 stage = "while older events of the thread were confirmed"
-                await slot.settled()
+                await slot.flight.settled()
                 reason = self._unready_reason(slot)
             if slot.state is CONNECTED and slot.backlog and not flow.retrying(slot):
                 stage = "while older events of the thread were flushed"
@@ -293,9 +291,9 @@ class Pipeline:
         is_async: bool = True,
     ) -> bool:
         """What a delivery's verdict means for the emission (every path decides here)."""
-        recorder = self._recorder
+        recorder = self.recorder
         if verdict is Verdict.OK:
-            self._flow.delivered(slot)
+            self.flow.delivered(slot)
             record = recorder.make(
                 Outcome.DELIVERED,
                 slot.thread_id,
@@ -307,10 +305,10 @@ class Pipeline:
                 kind=call.kind,
             )
             return recorder.conclude(record)
-        entry = self._flow.entry(slot, seq, message, call, is_async, created_at, 1, waited)
+        entry = self.flow.entry(slot, seq, message, call, is_async, created_at, 1, waited)
         if verdict is Verdict.POISON:
             return recorder.conclude(recorder.of_entry(entry, Outcome.FAILED, why))
-        return await self._flow.buffer(slot, entry, self._flow.failed(slot, why or ""))
+        return await self.flow.buffer(slot, entry, self.flow.failed(slot, why or ""))
 
     async def failed_fast(
         self,
@@ -326,26 +324,26 @@ class Pipeline:
         """A fast-path delivery did not work (or its sender was cancelled): decide as the
         general path does, then leave the line."""
         slot.seq = seq
-        self._recorder.seq_recorded()
+        self.recorder.seq_recorded()
         try:
             if self._stamp is not None:
                 message = self.stamped(message, seq)
             if cancelled:
-                entry = self._flow.entry(slot, seq, message, call, True, time.time(), 1)
+                entry = self.flow.entry(slot, seq, message, call, True, time.time(), 1)
                 await self._keep(slot, entry, "sender cancelled during send")
                 return False
             return await self._judged(slot, seq, message, call, time.time(), verdict, why)
         except EmissionError:
             raise
         except Exception as exc:
-            return self._recorder.fault(slot.thread_id, message, exc)
+            return self.recorder.fault(slot.thread_id, message, exc)
         finally:
-            self._flow.leave(slot)
+            self.flow.leave(slot)
 
     async def _keep(self, slot: ThreadSlot, entry: OutboxEntry, reason: str) -> None:
         """Buffer the event of a sender being cancelled; the cancellation wins over strict."""
         with contextlib.suppress(EmissionError):  # recorded; no caller is left to raise to
-            await self._flow.buffer(slot, entry, reason)
+            await self.flow.buffer(slot, entry, reason)
 
     def keep(self, slot: ThreadSlot, ticket: Ticket) -> bool:
         """In a gone waiter's turn (the caller holds the line): deliver a synchronous send's
@@ -358,27 +356,27 @@ class Pipeline:
             return True
         seq = self._next_seq(slot)
         message = self.stamped(pending.message, seq) if self._stamp else pending.message
-        entry = self._flow.entry(slot, seq, message, pending.call, True, pending.created_at, 0)
+        entry = self.flow.entry(slot, seq, message, pending.call, True, pending.created_at, 0)
         future = ticket.future
         if future is not None and entry.loop is None:
             entry.loop = future.get_loop()
         reason = "sender cancelled while waiting for its turn"
-        if self._flow.outbox.synchronous:
+        if self.flow.outbox.synchronous:
             drive(self._keep(slot, entry, reason))
             return True
         loop = running_loop() or (entry.loop if alive(entry.loop) else None)
         if loop is None:
-            why = f"{reason}; no event loop left to keep it in a {self._flow.outbox!r}"
-            self._recorder.note(self._recorder.of_entry(entry, Outcome.FAILED, why))
+            why = f"{reason}; no event loop left to keep it in a {self.flow.outbox!r}"
+            self.recorder.note(self.recorder.of_entry(entry, Outcome.FAILED, why))
             return True
 
         async def keep_then_leave() -> None:
             try:
                 await self._keep(slot, entry, reason)
             finally:
-                self._flow.leave(slot)
+                self.flow.leave(slot)
 
-        loop.call_soon_threadsafe(self._flow.spawn, keep_then_leave())
+        loop.call_soon_threadsafe(self.flow.spawn, keep_then_leave())
         return False
 
     # ------------------------------------------------------------------- sync
@@ -392,10 +390,10 @@ class Pipeline:
         except EmissionError:
             raise
         except Exception as exc:
-            return self._recorder.fault(thread_id, message, exc)
+            return self.recorder.fault(thread_id, message, exc)
 
     def _send_sync(self, thread_id: Any, message: Any, call: Call) -> bool:
-        recorder = self._recorder
+        recorder = self.recorder
         if self.closed:
             return self._unguarded_sync(thread_id, message, call)
         if names_no_thread(thread_id):
@@ -410,7 +408,7 @@ class Pipeline:
         if transport.associating(thread_id):
             judged: bool = drive(self._greet(thread_id, message, call, False))
             return judged
-        outbox = self._flow.outbox
+        outbox = self.flow.outbox
         if not outbox.synchronous:
             reason = f"a synchronous send needs a synchronous outbox; {outbox!r} is not"
             return recorder.conclude(
@@ -424,7 +422,7 @@ class Pipeline:
         try:
             return self._sync_in_line(slot, message, call, created_at)
         finally:
-            self._flow.leave(slot)
+            self.flow.leave(slot)
 
     def _sync_in_line(self, slot: ThreadSlot, message: Any, call: Call, created_at: float) -> bool:
         seq = self._next_seq(slot)
@@ -436,8 +434,8 @@ class Pipeline:
                 self._judged(slot, seq, message, call, created_at, verdict, why, is_async=False)
             )
             return judged
-        entry = self._flow.entry(slot, seq, message, call, False, created_at, 0)
-        return self._flow.buffer_now(slot, entry, self._unready_reason(slot))
+        entry = self.flow.entry(slot, seq, message, call, False, created_at, 0)
+        return self.flow.buffer_now(slot, entry, self._unready_reason(slot))
 
     # ------------------------------------------------- outside the thread's order
 
@@ -457,7 +455,7 @@ class Pipeline:
             self._note_passed(message, call)
 
     def _note_passed(self, message: Any, call: Call) -> None:
-        recorder = self._recorder
+        recorder = self.recorder
         recorder.note(
             recorder.make(
                 Outcome.PASSED, None, 0, message, PASSED_REASON, attempts=1, kind=call.kind
@@ -473,7 +471,7 @@ class Pipeline:
         slot = self._table.slot(thread_id)
         created_at = time.time()
         verdict, why = await self.delivery.attempt(call, message, is_async, slot, 0)
-        recorder = self._recorder
+        recorder = self.recorder
         if verdict is Verdict.OK:
             outcome, reason = Outcome.DELIVERED, None
         else:
@@ -512,10 +510,10 @@ class Pipeline:
         outcome = Outcome.DELIVERED if verdict is Verdict.OK else Outcome.FAILED
         note = self._closed_note()
         reason = note if why is None else f"{note}; {why}"
-        record = self._recorder.make(
+        record = self.recorder.make(
             outcome, thread_name(thread_id), 0, message, reason, kind=call.kind
         )
-        self._recorder.note(record)
+        self.recorder.note(record)
         return verdict is Verdict.OK
 
     # ------------------------------------------------------------ helpers
@@ -523,7 +521,7 @@ class Pipeline:
     def _next_seq(self, slot: ThreadSlot) -> int:
         """The next seq of the thread, for an emission that gets a record."""
         slot.seq += 1
-        self._recorder.seq_recorded()
+        self.recorder.seq_recorded()
         return slot.seq
 
     @property
@@ -544,7 +542,7 @@ class Pipeline:
                 return "thread not associated; an earlier send already waited ready_timeout"
             return "thread not associated yet"
         if state is CONNECTED:
-            if self._flow.retrying(slot):
+            if self.flow.retrying(slot):
                 return "queued behind an event whose delivery is being retried"
             if slot.flight:
                 return "queued behind older events of the thread still being confirmed"

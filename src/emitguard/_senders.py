@@ -306,7 +306,7 @@ class Senders:
             or not pipeline.direct
             or pipeline.closed
             or not slot.line
-            or (slot.flight and slot.flown != slot.joined)  # (waits for the flight to end)
+            or (slot.flight and slot.flight.joined != slot.joined)  # (waits for the flight to end)
         ):
             with tel.sending(thread_name(thread_id), message, kind=kind):
                 return await pipeline.send(thread_id, message, Call(fn, args, kwargs, rebind, kind))

@@ -35,7 +35,7 @@ class Ticket:
 class Flights(deque[Any]):
     """A thread's sends in flight (:mod:`emitguard._inflight`), oldest first."""
 
-    __slots__ = ("confirming", "loop", "since")
+    __slots__ = ("confirming", "joined", "loop", "since", "waiters")
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,8 +43,25 @@ class Flights(deque[Any]):
         """The loop the sends in flight were handed over on (their confirmer's)."""
         self.since = 0.0
         """``time.monotonic()`` when the oldest became the oldest (its confirmation's clock)."""
+        self.joined = 0
+        """The thread's ``joined`` count when the oldest was handed over."""
         self.confirming = False
         """The thread's confirmer task runs."""
+        self.waiters: list[asyncio.Future[None]] = []
+        """Waiting for the flight to end (:meth:`settled`)."""
+
+    async def settled(self) -> None:
+        """Wait until none of the thread's sends is in flight (now, usually)."""
+        while self:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
+
+    def land(self) -> None:
+        """The flight ended: wake whoever waits for it (on their own loops)."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            resolve(waiter)
 
 
 class ThreadSlot:
@@ -63,13 +80,11 @@ class ThreadSlot:
         "base",
         "failures",
         "flight",
-        "flown",
         "flushing",
         "freed",
         "gate",
         "home",
         "joined",
-        "landed",
         "line",
         "loop",
         "note",
@@ -126,30 +141,13 @@ class ThreadSlot:
         """Taken out of the thread table: anyone holding this object looks the thread up again."""
         self.flight = Flights()
         """Sends handed over, waiting for their confirmation (:mod:`emitguard._inflight`)."""
-        self.landed: list[asyncio.Future[None]] = []
-        """Waiting for the flight to end."""
         self.joined = 0
         """Connections that started to carry the thread (counted: a new one makes a change)."""
-        self.flown = 0
-        """``joined`` when the oldest send in flight was handed over."""
         self.home: asyncio.AbstractEventLoop | None = None
         """The event loop of the thread's latest association made from async code."""
 
     def __repr__(self) -> str:
         return f"thread {self.thread_id}"
-
-    async def settled(self) -> None:
-        """Wait until none of the thread's sends is in flight (now, usually)."""
-        while self.flight:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self.landed.append(waiter)
-            await waiter
-
-    def land(self) -> None:
-        """The thread's flight ended: wake whoever waits for it (on their own loops)."""
-        waiters, self.landed = self.landed, []
-        for waiter in waiters:
-            resolve(waiter)
 
     @property
     def idle(self) -> bool:

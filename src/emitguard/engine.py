@@ -453,7 +453,7 @@ class Guard:
                 raise
         try:
             if slot.flight:  # what is in flight lands in the window (or the outbox) first
-                await slot.settled()
+                await slot.flight.settled()
             yield
         finally:
             self._flow.leave(slot)

@@ -131,7 +131,7 @@ class Probe:
         if any(_recent.get(carrier, -1.0) >= opened for carrier in watched):
             self.frames += 1
         try:
-            busy_until = time.monotonic() + BUSY_LIMIT
+            started = time.monotonic()
             while not self.frames:
                 # (a timer that resolves the waiter, not asyncio.wait_for: half the cost on
                 # this per-send path, and no lost cancellation on Python 3.11)
@@ -140,13 +140,8 @@ class Probe:
                     await self._waiter
                 finally:
                     timer.cancel()
-                if (  # a carrier still handling a message is alive: wait on for its frame
-                    self.frames
-                    or not _handling
-                    or not any(carrier in _handling for carrier in carriers)
-                    or time.monotonic() > busy_until
-                ):
-                    break
+                if self.frames or not busy(carriers, started):  # (a carrier still handling
+                    break  # a message is alive: wait on for its frame)
                 self._waiter = loop.create_future()
         finally:
             for carrier in watched:
@@ -178,13 +173,13 @@ owner goes; emptied past ``_RECENT_LIMIT`` entries, the worst case being a confi
 missed and the event sent again)."""
 _RECENT_LIMIT = 100_000
 _handling: dict[object, int] = {}
+"""Connections handling a message now (:func:`handling`), with how many at once."""
 _tagged: dict[str, Probe] = {}
 """Tagged probes whose outcome is not decided yet, by tag."""
 _tags = itertools.count(1)
 _TAG_PREFIX = secrets.token_hex(6) + "."
 """This process's: a tag travels through a shared channel layer, and a consumer in another
 process must not take it for one of its own."""
-"""Connections handling a message now (:func:`handling`), with how many at once."""
 BUSY_LIMIT = 30.0
 """Seconds a confirmation waits on for a frame while a carrier is still handling a message
 (:func:`handling`); a connection busy longer counts as stuck."""

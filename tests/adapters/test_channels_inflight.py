@@ -20,20 +20,37 @@ from test_channels import (
 )
 
 import emitguard
-from emitguard import transport
+from conftest import eventually
+from emitguard import ConnectionState, Outcome, transport
 from emitguard_adapters.channels import guard_layer
 
 
-class GatedResuming(GuardedConsumerMixin, AsyncJsonWebsocketConsumer):
+class Gated(GuardedConsumerMixin, AsyncJsonWebsocketConsumer):
+    """A live consumer in group "gated" whose handlers hold each event until ``gate`` opens."""
+
     gate: ClassVar[asyncio.Event]
+
+    async def connect(self) -> None:
+        await self.channel_layer.group_add("gated", self.channel_name)
+        await self.accept()
+
+    async def chat_event(self, event: dict[str, Any]) -> None:
+        await self.gate.wait()
+        await self.send_json({"n": event["n"], "seq": event["seq"]})
+
+
+class GatedResuming(Gated):
+    """:class:`Gated` in group "room", joined with ``join_group`` (replay on ``?after=``)."""
 
     async def connect(self) -> None:
         await self.accept()
         await self.join_group("room")
 
-    async def chat_event(self, event: dict[str, Any]) -> None:
-        await self.gate.wait()
-        await self.send_json({"n": event["n"], "seq": event["seq"]})
+
+async def gated_client(gate: asyncio.Event) -> WebsocketCommunicator:
+    client = WebsocketCommunicator(type("G", (Gated,), {"gate": gate}).as_asgi(), "/ws/")
+    assert (await client.connect())[0]
+    return client
 
 
 async def client_for(gate: asyncio.Event, query: str = "") -> WebsocketCommunicator:
@@ -77,32 +94,19 @@ async def test_a_client_resuming_while_sends_are_in_flight_gets_them_once() -> N
     assert got == [3, 4, 5], got
 
 
-class Gated(GuardedConsumerMixin, AsyncJsonWebsocketConsumer):
-    gate: ClassVar[asyncio.Event]
-
-    async def connect(self) -> None:
-        await self.channel_layer.group_add("gated", self.channel_name)
-        await self.accept()
-
-    async def chat_event(self, event: dict[str, Any]) -> None:
-        await self.gate.wait()
-        await self.send_json({"n": event["n"], "seq": event["seq"]})
-
-
 async def test_an_association_from_another_loop_while_sends_are_in_flight() -> None:
     """A group_add made on another, short-lived loop (a sync view's async_to_sync) while
     sends are in flight: they still land on the loop they were handed over on (the
     confirmer once spun forever, its landings sent to the closed loop)."""
     import faulthandler
 
-    faulthandler.dump_traceback_later(8, exit=True, file=sys.stderr)
+    faulthandler.dump_traceback_later(60, exit=True, file=sys.stderr)  # (a spin: fail loudly)
     try:
         layer = InMemoryChannelLayer()
         channel_layers.set("default", layer)
         guard = guard_layer(layer, confirm=0.2, stamp_seq="seq")
         gate = asyncio.Event()
-        client = WebsocketCommunicator(type("G", (Gated,), {"gate": gate}).as_asgi(), "/ws/")
-        assert (await client.connect())[0]
+        client = await gated_client(gate)
         for n in (1, 2, 3):
             await asyncio.wait_for(layer.group_send("gated", {"type": "chat.event", "n": n}), 2)
         assert guard.stats().in_flight == {"gated": 3}
@@ -246,6 +250,84 @@ async def test_a_tag_from_another_process_confirms_nothing_here(records: Any) ->
     mine = [(r.thread_id, r.seq, r.outcome) for r in records.items if r.guard_name == guard.name]
     await live.disconnect()
     emitguard.unguard(layer)
-    assert ("deadg", 1, emitguard.Outcome.DELIVERED) not in mine, mine
-    assert ("deadg", 1, emitguard.Outcome.BUFFERED) in mine, mine
+    assert ("deadg", 1, Outcome.DELIVERED) not in mine, mine
+    assert ("deadg", 1, Outcome.BUFFERED) in mine, mine
+
+
+def outcomes_by_seq(records: Any, guard: emitguard.Guard) -> dict[int, list[Outcome]]:
+    found: dict[int, list[Outcome]] = {}
+    for record in records.items:
+        if record.guard_name == guard.name:
+            found.setdefault(record.seq, []).append(record.outcome)
+    return found
+
+
+async def test_an_agent_is_not_held_up_until_each_frame_leaves(records: Any) -> None:
+    layer = InMemoryChannelLayer()
+    guard = guard_layer(layer, stamp_seq="seq")
+    channel_layers.set("default", layer)
+    gate = asyncio.Event()
+    client = await gated_client(gate)
+    for n in range(1, 21):  # handed over one after another; no frame has left yet
+        await asyncio.wait_for(layer.group_send("gated", {"type": "chat.event", "n": n}), 5)
+    assert outcomes_by_seq(records, guard) == {}  # none confirmed: none recorded
+    assert guard.stats().in_flight == {"gated": 20}
+    assert await client.receive_nothing(0.05)
+    gate.set()
+    got = await received(client, 20)
+    assert [item["seq"] for item in got] == list(range(1, 21))
+    assert await guard.drain(2.0) == 0
+    # each recorded once, when its frame left, in seq order
+    assert [r.seq for r in records.items if r.guard_name == guard.name] == list(range(1, 21))
+    assert {r.outcome for r in records.items if r.guard_name == guard.name} == {
+        Outcome.DELIVERED
+    }
+    assert transport._tagged == {}  # every tag let go once its send was decided
+    await client.disconnect()
+    emitguard.unguard(layer)
+    assert "group_send" not in vars(layer)
+
+
+async def test_sends_in_flight_to_a_dead_consumer_are_kept_in_order_and_sent_again(
+    records: Any,
+) -> None:
+    layer = InMemoryChannelLayer()
+    guard = guard_layer(layer, confirm=0.1, retry_backoff=(0.01,), stamp_seq="seq")
+    dead_channel = await layer.new_channel()  # in the group, never read
+    await layer.group_add("c1", dead_channel)
+    for n in range(1, 6):  # handed over at once, all five
+        await layer.group_send("c1", {"type": "chat.event", "n": n})
+    await eventually(lambda: guard.state("c1") is ConnectionState.DISCONNECTED)
+    assert guard.stats().pending == {"c1": 5}
+    client = await connected(layer, "c1")
+    assert [item["seq"] for item in await received(client, 5)] == [1, 2, 3, 4, 5]
+    assert await client.receive_nothing(0.2)
+    assert await guard.drain(1.0) == 0
+    ended = outcomes_by_seq(records, guard)
+    assert set(ended) == {1, 2, 3, 4, 5}
+    for seq, outcomes in ended.items():  # kept (with its retry, for the first), then flushed
+        assert outcomes[-1] is Outcome.FLUSHED, (seq, outcomes)
+        assert set(outcomes[:-1]) == {Outcome.BUFFERED}, (seq, outcomes)
+    await client.disconnect()
+    emitguard.unguard(layer)
+
+
+async def test_a_consumer_that_joins_while_sends_are_in_flight_gets_them_first() -> None:
+    # The older sends went to a consumer that died with them; a newer consumer joins before
+    # that is known. The sends made after it joined must not reach it first: they wait until
+    # the older ones are confirmed or kept, and it gets every event in order.
+    layer = InMemoryChannelLayer()
+    guard = guard_layer(layer, confirm=0.1, retry_backoff=(0.01,), stamp_seq="seq")
+    dead_channel = await layer.new_channel()
+    await layer.group_add("c1", dead_channel)
+    for n in range(1, 4):
+        await layer.group_send("c1", {"type": "chat.event", "n": n})
+    client = await connected(layer, "c1")
+    for n in range(4, 7):
+        await layer.group_send("c1", {"type": "chat.event", "n": n})
+    assert [item["n"] for item in await received(client, 6)] == [1, 2, 3, 4, 5, 6]
+    assert await client.receive_nothing(0.2)
+    assert await guard.drain(1.0) == 0
+    await client.disconnect()
+    emitguard.unguard(layer)
 
